@@ -1,0 +1,1 @@
+"""cxr-screen data pipeline: raw COVIDx-layout images -> manifest -> WebDataset shards."""

@@ -1,0 +1,137 @@
+"""The study's preprocessing as pure functions: array in, array out.
+
+grey (8-bit) -> crop the top rows (burned-in text) -> centre square -> bicubic
+resize -> optional histogram equalization. The shard stage and `predict` both
+call `preprocess_bytes` / `preprocess_array`, so training and screening can
+never drift apart.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any, Literal
+
+import cv2
+import numpy as np
+from PIL import Image
+
+from pipeline.errors import CxrError
+from pipeline.imageio import DecodeLimits, ImageRejected, decode_grey
+from pipeline.params import PreprocessParams
+
+
+@dataclass(frozen=True)
+class PreprocessConfig:
+    top_crop: float
+    size: int
+    equalize: Literal["global", "clahe"] | None  # None: the 'plain' variant
+    clahe_clip: float
+    reduced_decode: bool
+    max_pixels: int
+    min_side: int
+
+    @classmethod
+    def for_variant(cls, params: PreprocessParams, variant: str) -> PreprocessConfig:
+        if variant not in ("plain", "equalized"):
+            raise CxrError(f"unknown variant {variant!r}; valid: plain, equalized")
+        return cls(
+            top_crop=params.top_crop,
+            size=params.size,
+            equalize=params.equalize if variant == "equalized" else None,
+            clahe_clip=params.clahe_clip,
+            reduced_decode=params.reduced_decode,
+            max_pixels=params.max_pixels,
+            min_side=params.min_side,
+        )
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> PreprocessConfig:
+        """Rebuild from the dict stored in a shard summary or checkpoint."""
+        try:
+            return cls(**{k: raw[k] for k in cls.__dataclass_fields__})
+        except KeyError as exc:
+            raise CxrError(f"preprocess config lacks key {exc}; was it written by an older version?") from None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @property
+    def limits(self) -> DecodeLimits:
+        return DecodeLimits(max_pixels=self.max_pixels, min_side=self.min_side)
+
+
+def to_grey_u8(img: np.ndarray) -> np.ndarray:
+    """Any-channel, any-depth image -> 2-D uint8.
+
+    Colour (e.g. blue-tinted radiographs) goes through luma weights; deeper
+    than 8-bit data is stretched over its actual min..max range, because
+    12-bit radiographs stored in 16-bit containers would come out nearly black
+    with a blind `>> 8`.
+    """
+    if img.ndim == 3:
+        if img.shape[2] == 4:
+            img = img[:, :, :3]
+        if img.shape[2] == 3 and img.dtype == np.uint8:
+            img = cv2.cvtColor(np.ascontiguousarray(img), cv2.COLOR_RGB2GRAY)
+        elif img.shape[2] == 3:
+            img = img.astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)
+        elif img.shape[2] == 1:
+            img = img[:, :, 0]
+        else:
+            raise ImageRejected(f"unsupported channel count {img.shape[2]}")
+    if img.ndim != 2:
+        raise ImageRejected(f"unsupported image shape {img.shape}")
+    if img.dtype == np.uint8:
+        return img
+    img = img.astype(np.float32)
+    if not np.isfinite(img).all():
+        raise ImageRejected("image contains non-finite values")
+    low, high = float(img.min()), float(img.max())
+    if high <= low:
+        return np.zeros(img.shape, np.uint8)
+    return np.round((img - low) * (255.0 / (high - low))).astype(np.uint8)
+
+
+def crop_top(img: np.ndarray, fraction: float) -> np.ndarray:
+    rows = int(round(img.shape[0] * fraction))
+    return img[rows:]
+
+
+def center_square(img: np.ndarray) -> np.ndarray:
+    h, w = img.shape[:2]
+    side = min(h, w)
+    top, left = (h - side) // 2, (w - side) // 2
+    return img[top : top + side, left : left + side]
+
+
+def resize_square(img: np.ndarray, size: int) -> np.ndarray:
+    # Pillow's bicubic widens its kernel when downsampling (antialiasing, as in
+    # torchvision's Resize); OpenCV's INTER_CUBIC does not and aliases badly
+    # from 3000 px to 224.
+    return np.asarray(Image.fromarray(img).resize((size, size), Image.Resampling.BICUBIC))
+
+
+def equalize(img: np.ndarray, method: str, clahe_clip: float) -> np.ndarray:
+    if method == "global":
+        return cv2.equalizeHist(img)
+    if method == "clahe":
+        return cv2.createCLAHE(clipLimit=clahe_clip, tileGridSize=(8, 8)).apply(img)
+    raise CxrError(f"unknown equalization {method!r}; valid: global, clahe")
+
+
+def preprocess_array(img: np.ndarray, cfg: PreprocessConfig) -> np.ndarray:
+    """Decoded image (any dtype/channels) -> uint8 (size, size)."""
+    grey = to_grey_u8(img)
+    square = center_square(crop_top(grey, cfg.top_crop))
+    if min(square.shape) < 1:
+        raise ImageRejected(f"nothing left after cropping a {img.shape} image")
+    out = resize_square(np.ascontiguousarray(square), cfg.size)
+    if cfg.equalize is not None:
+        out = equalize(out, cfg.equalize, cfg.clahe_clip)
+    return out
+
+
+def preprocess_bytes(data: bytes, cfg: PreprocessConfig) -> np.ndarray:
+    """Encoded image file contents -> uint8 (size, size); ImageRejected with a reason otherwise."""
+    reduce_to = (cfg.top_crop, cfg.size) if cfg.reduced_decode else None
+    return preprocess_array(decode_grey(data, cfg.limits, reduce_to), cfg)

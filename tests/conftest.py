@@ -1,0 +1,87 @@
+"""Shared fixtures: tiny generated data in the real formats, and the real-data root."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import webdataset as wds
+
+from pipeline.shard_format import CLASS_NAMES, SUMMARY_NAME, shard_name
+
+REPO = Path(__file__).resolve().parents[1]
+COVIDX_MINI = REPO.parent / "shared" / "covidx-mini"
+
+
+@pytest.fixture(scope="session")
+def covidx_mini() -> Path:
+    if not (COVIDX_MINI / "train.txt").is_file():
+        pytest.skip(f"real-data test: {COVIDX_MINI} is absent (it ships beside the repo in CI only)")
+    return COVIDX_MINI
+
+
+def synthetic_image(label: int, size: int, rng: np.random.Generator) -> np.ndarray:
+    """A learnable toy: positives carry a bright blob, negatives do not."""
+    img = rng.normal(90, 20, (size, size)).clip(0, 255)
+    if label:
+        y, x = rng.integers(size // 4, 3 * size // 4, 2)
+        yy, xx = np.mgrid[:size, :size]
+        img += 120 * np.exp(-((yy - y) ** 2 + (xx - x) ** 2) / (2 * (size / 8) ** 2))
+    return img.clip(0, 255).astype(np.uint8)
+
+
+def make_tiny_shards(
+    directory: Path,
+    per_class: dict[str, int] | None = None,
+    size: int = 64,
+    shard_count: int = 2,
+    seed: int = 0,
+    variant: str = "plain",
+) -> Path:
+    """Write a variant directory in the shard format (summary.json + tars) without the raw pipeline."""
+    per_class = per_class or {"train": 8, "val": 4, "test": 4}
+    rng = np.random.default_rng(seed)
+    directory.mkdir(parents=True, exist_ok=True)
+    splits = {}
+    for split, n in per_class.items():
+        labels = [0, 1] * n
+        rng.shuffle(labels)
+        chunks = np.array_split(np.arange(len(labels)), min(shard_count, len(labels)))
+        shards = []
+        for s_idx, chunk in enumerate(chunks):
+            name = shard_name(split, s_idx)
+            with wds.TarWriter(str(directory / name), mtime=0) as sink:
+                for i in chunk:
+                    label = labels[i]
+                    ok, png = cv2.imencode(".png", synthetic_image(label, size, rng))
+                    assert ok
+                    sink.write(
+                        {
+                            "__key__": f"{split}_{i:06d}",
+                            "png": png.tobytes(),
+                            "cls": label,
+                            "json": {"patient_id": f"p{split}{i}", "source": "toy", "filename": f"x.{i}.png"},
+                        }
+                    )
+            shards.append({"name": name, "count": len(chunk)})
+        splits[split] = {
+            "count": len(labels),
+            "class_counts": {CLASS_NAMES[c]: labels.count(c) for c in (0, 1)},
+            "shards": shards,
+        }
+    summary = {
+        "variant": variant,
+        "splits": splits,
+        "params": {"preprocess": {"size": size, "top_crop": 0.08, "equalize": None}, "seed": seed},
+        "rejects": [],
+    }
+    (directory / SUMMARY_NAME).write_text(json.dumps(summary, indent=1))
+    return directory
+
+
+@pytest.fixture
+def tiny_shards(tmp_path: Path) -> Path:
+    return make_tiny_shards(tmp_path / "shards" / "plain")

@@ -1,0 +1,1 @@
+"""cxr-screen models, trainer, evaluation and screening on top of the shard format."""

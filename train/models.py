@@ -1,0 +1,137 @@
+"""The study's five networks, from torchvision with `weights=None`, for 1-channel binary screening.
+
+Every network is wrapped in `ScreeningNet`, which owns what all callers must
+agree on: input in [0, 1] (B x 1 x 224 x 224), a fixed intensity
+standardisation, InceptionV3's bilinear upsampling to 299, and a single logit
+per image (P(COVID-19) = sigmoid(logit)). Training, evaluation, Grad-CAM and
+ONNX export therefore run the very same graph.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchvision import models as tvm
+
+from pipeline.errors import CxrError
+
+# Fixed, data-independent standardisation: shards are uint8 with roughly
+# uniform (equalized) or mid-grey (plain) histograms, so (x - 0.5) / 0.25 keeps
+# activations near unit scale without a statistics pass over the data.
+INPUT_MEAN = 0.5
+INPUT_STD = 0.25
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    build: Callable[[], nn.Module]
+    default_lr: float  # the study: Adam 1e-4 for the skip-free nets, default 1e-3 otherwise
+    network_input: int  # size the backbone sees (InceptionV3 upsamples 224 -> 299 inside forward)
+    cam_layer: str  # dotted path, from the backbone, of the Grad-CAM target layer
+
+
+def _one_channel(conv: nn.Conv2d) -> nn.Conv2d:
+    return nn.Conv2d(
+        1,
+        conv.out_channels,
+        kernel_size=conv.kernel_size,
+        stride=conv.stride,
+        padding=conv.padding,
+        bias=conv.bias is not None,
+    )
+
+
+def _alexnet() -> nn.Module:
+    net = tvm.alexnet(weights=None, num_classes=1)
+    net.features[0] = _one_channel(net.features[0])
+    return net
+
+
+def _vgg16() -> nn.Module:
+    net = tvm.vgg16(weights=None, num_classes=1)
+    net.features[0] = _one_channel(net.features[0])
+    return net
+
+
+def _resnet50() -> nn.Module:
+    net = tvm.resnet50(weights=None, num_classes=1)
+    net.conv1 = _one_channel(net.conv1)
+    return net
+
+
+def _densenet121() -> nn.Module:
+    net = tvm.densenet121(weights=None, num_classes=1)
+    net.features.conv0 = _one_channel(net.features.conv0)
+    return net
+
+
+def _inceptionv3() -> nn.Module:
+    net = tvm.inception_v3(weights=None, num_classes=1, aux_logits=True, init_weights=True, transform_input=False)
+    net.Conv2d_1a_3x3.conv = _one_channel(net.Conv2d_1a_3x3.conv)
+    return net
+
+
+MODELS: dict[str, ModelSpec] = {
+    spec.name: spec
+    for spec in (
+        ModelSpec("alexnet", _alexnet, 1e-4, 224, "features.11"),
+        ModelSpec("vgg16", _vgg16, 1e-4, 224, "features.29"),
+        ModelSpec("resnet50", _resnet50, 1e-3, 224, "layer4"),
+        ModelSpec("densenet121", _densenet121, 1e-3, 224, "features.norm5"),
+        ModelSpec("inceptionv3", _inceptionv3, 1e-3, 299, "Mixed_7c"),
+    )
+}
+
+
+def model_spec(name: str) -> ModelSpec:
+    if name not in MODELS:
+        raise CxrError(f"unknown model {name!r}; valid: {', '.join(MODELS)}")
+    return MODELS[name]
+
+
+class ScreeningNet(nn.Module):
+    """Backbone + the input/output conventions shared by every caller.
+
+    forward(x) takes float images in [0, 1], shape (B, 1, H, W), and returns
+    logits of shape (B,). In training mode InceptionV3 returns
+    (logits, aux_logits) so the trainer can add the auxiliary loss.
+    """
+
+    def __init__(self, name: str, backbone: nn.Module, network_input: int):
+        super().__init__()
+        self.name = name
+        self.network_input = network_input
+        self.backbone = backbone
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        x = (x - INPUT_MEAN) / INPUT_STD
+        if x.shape[-1] != self.network_input or x.shape[-2] != self.network_input:
+            x = F.interpolate(x, size=(self.network_input, self.network_input), mode="bilinear", align_corners=False)
+        out = self.backbone(x)
+        if isinstance(out, tuple):  # torchvision InceptionOutputs in training mode
+            logits, aux = out
+            return logits.squeeze(-1), aux.squeeze(-1)
+        return out.squeeze(-1)
+
+    def cam_layer(self) -> nn.Module:
+        return self.backbone.get_submodule(model_spec(self.name).cam_layer)
+
+
+def build_model(name: str) -> ScreeningNet:
+    spec = model_spec(name)
+    return ScreeningNet(spec.name, spec.build(), spec.network_input)
+
+
+def inference_param_count(model: nn.Module) -> int:
+    """Parameters used at inference: InceptionV3's auxiliary head only trains.
+
+    This is the count the study's Table V reports (e.g. 21.8M for InceptionV3).
+    """
+    aux = getattr(getattr(model, "backbone", model), "AuxLogits", None)
+    skipped = {id(p) for p in aux.parameters()} if aux is not None else set()
+    return sum(p.numel() for p in model.parameters() if id(p) not in skipped)
