@@ -16,7 +16,7 @@ import numpy as np
 from PIL import Image
 
 from pipeline.errors import CxrError
-from pipeline.imageio import DecodeLimits, ImageRejected, decode_grey
+from pipeline.imageio import DecodeLimits, Header, ImageRejected, decode_with_header
 from pipeline.params import PreprocessParams
 
 
@@ -133,5 +133,11 @@ def preprocess_array(img: np.ndarray, cfg: PreprocessConfig) -> np.ndarray:
 
 def preprocess_bytes(data: bytes, cfg: PreprocessConfig) -> np.ndarray:
     """Encoded image file contents -> uint8 (size, size); ImageRejected with a reason otherwise."""
+    return decode_and_preprocess(data, cfg)[1]
+
+
+def decode_and_preprocess(data: bytes, cfg: PreprocessConfig) -> tuple[Header, np.ndarray]:
+    """`preprocess_bytes` that also returns the source header (original width/height, format)."""
     reduce_to = (cfg.top_crop, cfg.size) if cfg.reduced_decode else None
-    return preprocess_array(decode_grey(data, cfg.limits, reduce_to), cfg)
+    header, image = decode_with_header(data, cfg.limits, reduce_to)
+    return header, preprocess_array(image, cfg)

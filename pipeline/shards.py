@@ -23,10 +23,10 @@ import webdataset as wds
 from tqdm import tqdm
 
 from pipeline.errors import CxrError
-from pipeline.imageio import ImageRejected, read_header
+from pipeline.imageio import ImageRejected
 from pipeline.manifest import ManifestEntry, read_manifest
 from pipeline.params import PreprocessParams, ShardParams
-from pipeline.preprocess import PreprocessConfig, preprocess_bytes
+from pipeline.preprocess import PreprocessConfig, decode_and_preprocess
 from pipeline.shard_format import CLASS_NAMES, SPLITS, SUMMARY_NAME, shard_name
 
 # Fixed tar metadata: with the default (current time) every run would produce
@@ -60,8 +60,7 @@ def process_one(task: _Task) -> _Result:
     if hashlib.sha256(data).hexdigest() != task.entry.sha256:
         return _Result(task.entry, None, reason="file changed since ingest (sha256 mismatch): rerun ingest")
     try:
-        header = read_header(data)
-        image = preprocess_bytes(data, task.cfg)
+        header, image = decode_and_preprocess(data, task.cfg)
     except ImageRejected as exc:
         return _Result(task.entry, None, reason=str(exc))
     ok, png = cv2.imencode(".png", image, PNG_PARAMS)
@@ -70,7 +69,7 @@ def process_one(task: _Task) -> _Result:
     return _Result(task.entry, png.tobytes(), header.width, header.height)
 
 
-def _init_worker() -> None:
+def init_worker() -> None:
     cv2.setNumThreads(1)  # one image per process already fills the cores
 
 
@@ -88,7 +87,7 @@ def _results(tasks: list[_Task], workers: int) -> Iterator[_Result]:
     if workers <= 1:
         yield from map(process_one, tasks)
         return
-    with ProcessPoolExecutor(max_workers=workers, initializer=_init_worker) as pool:
+    with ProcessPoolExecutor(max_workers=workers, initializer=init_worker) as pool:
         yield from pool.map(process_one, tasks, chunksize=4)
 
 
