@@ -1,0 +1,69 @@
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from pipeline.cli import app
+
+REPO = Path(__file__).resolve().parents[1]
+runner = CliRunner()
+
+
+def command_names():
+    return sorted(cmd.name or cmd.callback.__name__ for cmd in app.registered_commands)
+
+
+@pytest.mark.parametrize("name", command_names())
+def test_every_command_says_what_it_reads_and_writes(name):
+    result = runner.invoke(app, [name, "--help"])
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.output.split())
+    assert "Reads" in text and ("Writes" in text or "writes" in text), text
+
+
+def test_library_errors_become_a_message_and_exit_code_1(tmp_path):
+    result = runner.invoke(app, ["ingest", "--root", str(tmp_path), "--params", str(REPO / "params.yaml")])
+    assert result.exit_code == 1
+    assert "not a COVIDx-layout root" in result.output
+    result = runner.invoke(app, ["shard", "--params", str(tmp_path / "missing.yaml")])
+    assert result.exit_code == 1 and "params file not found" in result.output
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        [sys.executable, "-m", "pipeline.cli"],
+        [shutil.which("typer") or "typer", str(REPO / "pipeline" / "cli.py"), "run"],
+        [shutil.which("cxr") or "cxr"],
+    ],
+    ids=["python -m", "typer run", "console script"],
+)
+def test_three_ways_to_run(argv, tmp_path):
+    if not Path(argv[0]).exists() and shutil.which(argv[0]) is None:
+        pytest.fail(f"{argv[0]} is not installed: run the README's install command")
+    result = subprocess.run(argv + ["shard", "--help"], capture_output=True, text=True, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "--equalize" in result.stdout
+
+
+def test_ingest_then_shard_from_the_command_line(tmp_path):
+    from tests.test_shards import make_dataset
+
+    root = make_dataset(tmp_path / "ds", n=8)
+    shutil.copy(REPO / "params.yaml", tmp_path / "params.yaml")
+    env = os.environ | {"PYTHONPATH": str(REPO)}
+    run = lambda *args: subprocess.run(  # noqa: E731
+        [sys.executable, "-m", "pipeline.cli", *args], capture_output=True, text=True, cwd=tmp_path, env=env
+    )
+    ingest = run("ingest", "--root", str(root))
+    assert ingest.returncode == 0, ingest.stderr
+    shard = run("shard", "--equalize")
+    assert shard.returncode == 0, shard.stderr
+    summary = json.loads((tmp_path / "shards" / "equalized" / "summary.json").read_text())
+    assert summary["variant"] == "equalized" and summary["params"]["preprocess"]["equalize"] == "global"
+    assert sum(summary["counts"].values()) == 12

@@ -1,0 +1,66 @@
+"""dvc.yaml is the pipeline's table of contents: every stage must name a real command and real params."""
+
+import shlex
+from pathlib import Path
+
+import yaml
+
+from pipeline.cli import app
+
+REPO = Path(__file__).resolve().parents[1]
+DVC = yaml.safe_load((REPO / "dvc.yaml").read_text())
+PARAMS = yaml.safe_load((REPO / "params.yaml").read_text())
+COMMANDS = {cmd.name or cmd.callback.__name__ for cmd in app.registered_commands}
+
+
+def stages():
+    for name, stage in DVC["stages"].items():
+        if "foreach" in stage:
+            assert all(isinstance(item, str) for item in stage["foreach"]), "foreach values must be strings"
+            for item in stage["foreach"]:
+                yield f"{name}@{item}", _resolve(stage["do"], {"item": item})
+        else:
+            yield name, stage
+
+
+def _resolve(node, values):
+    text = yaml.safe_dump(node)
+    for key, value in values.items():
+        text = text.replace("${" + key + "}", value)
+    return yaml.safe_load(text)
+
+
+def _lookup(key: str):
+    node = PARAMS
+    for part in key.split("."):
+        assert isinstance(node, dict) and part in node, f"params key {key} missing from params.yaml"
+        node = node[part]
+    return node
+
+
+def test_the_issues_stage_names_exist():
+    assert {"sample", "ingest", "shard"} <= set(DVC["stages"])
+    assert DVC["stages"]["shard"]["foreach"] == ["plain", "equalized"]
+
+
+def test_every_stage_is_one_cli_command_with_real_options():
+    for name, stage in stages():
+        argv = shlex.split(stage["cmd"])
+        assert argv[:3] == ["python", "-m", "pipeline.cli"], f"{name}: {stage['cmd']}"
+        assert argv[3] in COMMANDS, f"{name}: unknown command {argv[3]}"
+
+
+def test_params_and_code_deps_exist():
+    for name, stage in stages():
+        for entry in stage.get("params", []):
+            for key in entry if isinstance(entry, dict) else [entry]:
+                _lookup(key)
+        for dep in stage.get("deps", []):
+            if dep.endswith(".py"):
+                assert (REPO / dep).is_file(), f"{name}: dependency {dep} does not exist"
+
+
+def test_outputs_are_git_ignored_not_committed():
+    ignored = (REPO / ".gitignore").read_text()
+    for top in ("/data/", "/shards/*", "/models/", "/metrics/"):
+        assert top in ignored
