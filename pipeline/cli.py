@@ -171,10 +171,312 @@ def bench_preprocess(
 # ---- commands: train (owner: train/trainer.py) ----
 
 
+@app.command()
+@_fail_cleanly
+def train(
+    shards: Annotated[
+        Optional[Path], typer.Option(help="Shard variant directory (default: shards/<params variant>)")
+    ] = None,
+    out: Annotated[Path, typer.Option(help="Directory for best.pt (model output) and last.pt (resume)")] = Path(
+        "models"
+    ),
+    live: Annotated[Path, typer.Option(help="dvclive directory for the per-epoch training curves")] = Path("dvclive"),
+    params: ParamsOpt = Path("params.yaml"),
+) -> None:
+    """Train params `model` on the shards, streaming them with WebDataset.
+
+    Reads: SHARDS/summary.json and SHARDS/{train,val}-*.tar; params (seed, model, variant, train.*,
+    evaluate.threshold_rule, evaluate.target_sensitivity). Writes: OUT/best.pt (best validation loss,
+    with the operating threshold chosen on validation), OUT/last.pt (every epoch; a rerun with the same
+    params and data resumes from it), LIVE/metrics.json and LIVE/plots/. Multi-process:
+    `torchrun --nproc_per_node N -m pipeline.cli train` (DDP; NCCL on GPUs, gloo on CPU).
+    """
+    from train.trainer import train_model
+
+    p = _params(params)
+    result = train_model(p, shards or Path("shards") / p.variant, out, live)
+    if result:  # rank 0 only under DDP
+        _echo_json({k: v for k, v in result.items() if k != "history"})
+
+
+@app.command("bench-train")
+@_fail_cleanly
+def bench_train(
+    shards: Annotated[
+        Optional[Path], typer.Option(help="Shard variant directory (default: shards/<params variant>)")
+    ] = None,
+    model: Annotated[str, typer.Option(help="Network to time")] = "resnet50",
+    steps: Annotated[int, typer.Option(help="Timed training steps per path")] = 12,
+    warmup: Annotated[int, typer.Option(help="Untimed warm-up steps per path")] = 3,
+    loader_images: Annotated[int, typer.Option(help="Images read per loader-only measurement")] = 2000,
+    fp32_streaming: Annotated[
+        bool, typer.Option(help="Also time the streaming path in fp32 NCHW (precision vs data path)")
+    ] = False,
+    threads: Annotated[
+        int, typer.Option(help="Compute threads, 0 = all cores (1 is steadier on a machine shared with other jobs)")
+    ] = 0,
+    params: ParamsOpt = Path("params.yaml"),
+) -> None:
+    """Benchmark on this CPU: streaming trainer vs naive ImageFolder + per-image RandomAffine fp32 trainer.
+
+    Reads: SHARDS (train split; exported to a temporary ImageFolder of the same PNGs) and params train.*.
+    Writes nothing; prints training images/s of both paths and their ratio, loader-only images/s
+    (shards vs folder) and the fraction of step time spent waiting for data.
+    """
+    from train.bench_train import run_train_benchmark
+
+    p = _params(params)
+    _echo_json(
+        run_train_benchmark(
+            p,
+            shards or Path("shards") / p.variant,
+            model,
+            steps,
+            warmup,
+            loader_images,
+            fp32_streaming=fp32_streaming,
+            threads=threads,
+        )
+    )
+
+
 # ---- commands: evaluate, latency, report (owner: train/evaluate.py, train/latency.py, train/report.py) ----
 
 
+def _external_items(root: Path) -> tuple[list[dict], list[dict]]:
+    """ROOT/test.txt -> images to score (ROOT/test/<filename>) and label lines rejected with reasons."""
+    from pipeline.labels import parse_label_file
+
+    lines, bad = parse_label_file(root / "test.txt")
+    rejects = [{"line": r.line_no, "text": r.text, "reason": r.reason} for r in bad]
+    items, seen = [], set()
+    for line in lines:
+        if line.filename in seen:
+            rejects.append({"line": line.line_no, "filename": line.filename, "reason": "duplicate filename in test.txt"})
+            continue
+        seen.add(line.filename)
+        items.append(
+            {
+                "key": f"ext_{line.line_no:06d}",
+                "path": root / "test" / line.filename,
+                "label": line.label,
+                "source": line.source,
+                "patient_id": line.patient_id,
+                "filename": line.filename,
+            }
+        )
+    return items, rejects
+
+
+@app.command()
+@_fail_cleanly
+def evaluate(
+    model: Annotated[Path, typer.Option(help="Checkpoint to evaluate (rebuilt from its own meta)")] = Path(
+        "models/best.pt"
+    ),
+    shards: Annotated[
+        Optional[Path], typer.Option(help="Shard directory to score (default: shards/<checkpoint variant>)")
+    ] = None,
+    root: Annotated[
+        Optional[Path],
+        typer.Option(help="External test: a COVIDx-layout root whose test split is scored instead of the shards"),
+    ] = None,
+    out: Annotated[Path, typer.Option(help="Metrics JSON to write")] = Path("metrics/eval.json"),
+    predictions: Annotated[
+        Optional[Path], typer.Option(help="Per-image CSV to write (default: metrics/predictions_test.csv; with --root none)")
+    ] = None,
+    plots: Annotated[
+        Optional[Path], typer.Option(help="Directory for roc.json, pr.json, confusion.csv (default: metrics/plots; with --root none)")
+    ] = None,
+    params: ParamsOpt = Path("params.yaml"),
+) -> None:
+    """Score a checkpoint on the test and validation shards, or on an external dataset's test split.
+
+    Reads: the checkpoint (model, variant, threshold chosen on validation, preprocessing),
+    the shards of its variant, params (evaluate.*, seed, train.num_workers; with --root also
+    data.max_reject_fraction). Writes: OUT (metrics at the operating threshold, at 0.5 in
+    `at_0_5`, by source, with bootstrap CIs), the predictions CSV and the DVC plot files.
+    """
+    from train.evaluate import evaluate_external, evaluate_shards, write_outputs
+
+    p = _params(params)
+    if root is None:
+        result = evaluate_shards(model, shards, p.evaluate, p.seed, p.train.num_workers)
+        predictions = predictions or Path("metrics/predictions_test.csv")
+        plots = plots or Path("metrics/plots")
+    else:
+        if shards is not None:
+            raise CxrError("pass either --shards or --root, not both")
+        items, rejects = _external_items(root)
+        result = evaluate_external(
+            model, items, rejects, p.evaluate, p.seed, p.data.max_reject_fraction, p.train.num_workers, str(root)
+        )
+    write_outputs(result, out, predictions, plots)
+    r = result.report
+    _echo_json(
+        {
+            "out": str(out),
+            "n_test": r["n_test"],
+            "threshold": r["threshold"]["value"],
+            "accuracy": r["accuracy"],
+            "macro_f1": r["macro"]["f1"],
+            "roc_auc": r["roc_auc"],
+            "roc_auc_ci95": r["roc_auc_ci95"],
+            "sensitivity": r["sensitivity"],
+            "specificity": r["specificity"],
+        }
+    )
+
+
+@app.command()
+@_fail_cleanly
+def latency(
+    model: Annotated[Path, typer.Option(help="Checkpoint whose network is timed")] = Path("models/best.pt"),
+    out: Annotated[Path, typer.Option(help="Latency JSON to write")] = Path("metrics/latency.json"),
+    paths: Annotated[
+        str, typer.Option(help="CPU paths to time, comma-separated: eager (required), onnxruntime, compile")
+    ] = "eager,onnxruntime",
+    params: ParamsOpt = Path("params.yaml"),
+) -> None:
+    """Time the checkpoint's network: params, CPU/GPU ms per image, FLOPs, measured peak and floor.
+
+    Reads: the checkpoint and params (latency.*). Writes: OUT. Run it alone: other load
+    on the machine shows up in the numbers (the load average is recorded).
+    """
+    from train.evaluate import write_json
+    from train.latency import latency_for_checkpoint
+
+    p = _params(params)
+    report = latency_for_checkpoint(model, p.latency, tuple(s.strip() for s in paths.split(",") if s.strip()))
+    write_json(out, report)
+    keys = ("model", "params_m", "cpu_ms_per_image", "cpu_fastest_path", "cpu_fastest_ms_per_image", "floor_ms",
+            "cpu_fastest_ratio_to_floor", "gpu_ms_per_image")  # fmt: skip
+    _echo_json({k: report.get(k) for k in keys})
+
+
+@app.command()
+@_fail_cleanly
+def report(
+    out: Annotated[Path, typer.Option(help="Markdown tables to write")] = Path("reports/tables.md"),
+    runs: Annotated[
+        Optional[Path], typer.Option(help="Directory with one sub-directory per run holding eval.json/latency.json")
+    ] = None,
+    exp_json: Annotated[Optional[Path], typer.Option(help="Saved `dvc exp show --json` output to read")] = None,
+    eval_file: Annotated[str, typer.Option(help="Evaluate metrics file name in the experiments")] = "metrics/eval.json",
+    latency_file: Annotated[str, typer.Option(help="Latency metrics file name in the experiments")] = "metrics/latency.json",
+    at: Annotated[str, typer.Option(help="Threshold for Tables II-IV, VI: '0.5' (the study's rule) or 'operating'")] = "0.5",
+) -> None:
+    """Rebuild the study's Tables II-VII from our experiments, beside the published figures.
+
+    Reads: `dvc exp show --json` in the current repository (default), or --exp-json, or --runs.
+    Writes: OUT (Markdown; each cell tagged with the experiment or publication it came from).
+    """
+    from train.report import exp_show_json, load_published, runs_from_dir, runs_from_exp_show, write_report
+
+    if runs is not None and exp_json is not None:
+        raise CxrError("pass either --runs or --exp-json, not both")
+    if runs is not None:
+        found = runs_from_dir(runs)
+    else:
+        data = json.loads(exp_json.read_text()) if exp_json is not None else exp_show_json(Path.cwd())
+        found = runs_from_exp_show(data, eval_file, latency_file)
+    write_report(found, out, load_published(), at)
+    _echo_json({"out": str(out), "runs": [f"{r.label}: {r.model}/{r.variant}" for r in found]})
+
+
 # ---- commands: predict, export (owner: train/predict.py, train/export.py) ----
+
+
+@app.command()
+@_fail_cleanly
+def predict(
+    inputs: Annotated[
+        list[str], typer.Argument(help="Image files, folders (searched recursively) or glob patterns", show_default=False)
+    ],
+    model: Annotated[
+        Path,
+        typer.Option(
+            help="Checkpoint: architecture, variant, preprocessing and threshold all come from it. "
+            "With --onnx they come from the ONNX metadata and the checkpoint is read only for --heatmaps"
+        ),
+    ] = Path("models/best.pt"),
+    out: Annotated[Path, typer.Option(help="CSV to write: path, probability, decision, threshold, model, error")] = Path(
+        "predictions.csv"
+    ),
+    heatmaps: Annotated[
+        Optional[Path], typer.Option(help="Folder for one Grad-CAM overlay PNG per image (<stem>-<path hash>.png)")
+    ] = None,
+    onnx: Annotated[
+        Optional[Path], typer.Option(help="Run this ONNX model (from `cxr export`) with onnxruntime instead of PyTorch")
+    ] = None,
+    batch_size: Annotated[int, typer.Option(help="Images per inference batch")] = 32,
+    workers: Annotated[int, typer.Option(help="Threads decoding images (0 = one per core)")] = 0,
+    device: Annotated[str, typer.Option(help="PyTorch device: auto (CUDA when present), cpu, cuda, cuda:N")] = "auto",
+    progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show a progress bar")] = True,
+) -> None:
+    """Screen images: P(COVID-19) and a decision at the model's validation-chosen threshold.
+
+    Reads: the inputs (PNG, JPEG, TIFF, DICOM) and the checkpoint or ONNX model.
+    Writes: OUT (one row per input; unreadable inputs get a row with the error) and,
+    with --heatmaps, one overlay PNG per image. Exit code 2 when any input failed.
+    """
+    import torch
+
+    from train.predict import predict as run_predict
+
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        torch_device = torch.device(device)
+    except RuntimeError as exc:
+        raise CxrError(f"invalid --device {device!r}: {exc}") from None
+    if torch_device.type == "cuda" and not torch.cuda.is_available():
+        raise CxrError(f"--device {device} asked for, but CUDA is not available here")
+    summary = run_predict(
+        inputs,
+        checkpoint=model,
+        out_csv=out,
+        onnx_path=onnx,
+        heatmaps_dir=heatmaps,
+        batch_size=batch_size,
+        workers=workers,
+        device=torch_device,
+        progress=progress,
+    )
+    typer.echo(f"{summary.line()} -> {out}" + (f", heatmaps in {heatmaps}" if heatmaps else ""))
+    if summary.failed:
+        typer.secho(f"error: {summary.failed} input(s) could not be read; see the error column of {out}", err=True)
+        raise typer.Exit(code=2)
+
+
+@app.command()
+@_fail_cleanly
+def export(
+    model: Annotated[Path, typer.Option(help="Checkpoint to export")] = Path("models/best.pt"),
+    out: Annotated[Path, typer.Option(help="ONNX file to write")] = Path("models/model.onnx"),
+    verify_shards: Annotated[
+        Optional[Path],
+        typer.Option(help="Shard directory whose test images are also used to check ONNX against PyTorch"),
+    ] = None,
+    verify_count: Annotated[int, typer.Option(help="How many of those test images to check")] = 64,
+    tolerance: Annotated[
+        float, typer.Option(help="Largest accepted |P_onnx - P_torch| (raise only for a numerically sensitive net)")
+    ] = 1e-4,
+) -> None:
+    """Export the checkpoint to ONNX (dynamic batch, upsampling in the graph) and verify it.
+
+    Reads: the checkpoint (and --verify-shards' test split). Writes: OUT, with the checkpoint's
+    meta and sha256 in its metadata. Fails unless onnxruntime matches PyTorch within --tolerance
+    in probability on seeded random inputs and the test images.
+    """
+    from train.export import export_onnx, onnx_meta, onnx_session, shard_test_images
+
+    images = shard_test_images(verify_shards, verify_count) if verify_shards is not None else None
+    path = export_onnx(model, out, verify_images=images, tolerance=tolerance)
+    meta = onnx_meta(onnx_session(path, providers=["CPUExecutionProvider"]), path)
+    _echo_json({"out": str(path), "model": meta["model"], "variant": meta["variant"],
+                "checkpoint_sha256": meta["checkpoint_sha256"], **meta["onnx"]})  # fmt: skip
+
 
 
 def main() -> None:

@@ -54,7 +54,9 @@ def read_header(data: bytes) -> Header:
                 return Header(img.format or "unknown", img.width, img.height, img.mode, _orientation(img))
     except Image.DecompressionBombError as exc:
         raise ImageRejected(f"image declares too many pixels, over the bound (decompression bomb refused): {exc}") from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+    except UnidentifiedImageError:
+        raise ImageRejected("not a readable image (unrecognised format)") from None
+    except (OSError, SyntaxError, ValueError) as exc:
         raise ImageRejected(f"not a readable image ({type(exc).__name__}: {exc})") from None
 
 

@@ -1,0 +1,201 @@
+"""Stage `evaluate` end to end on tiny shards and a tiny external COVIDx root."""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+import webdataset as wds
+import yaml
+from typer.testing import CliRunner
+
+from pipeline.cli import app
+from pipeline.errors import CxrError
+from pipeline.params import load_params
+from pipeline.preprocess import PreprocessConfig
+from pipeline.sample import generate_sample
+from pipeline.shard_format import read_summary
+from tests.conftest import REPO, make_tiny_shards
+from train.checkpoint import load_checkpoint, make_meta, save_checkpoint
+from train.evaluate import evaluate_shards
+from train.models import build_model
+
+MODEL = "densenet121"  # the smallest checkpoint of the five (7M parameters)
+SIZE = 32  # images: small enough for seconds on a busy 2-core CPU
+REQUIRED = [
+    "accuracy", "macro.f1", "macro.precision", "macro.recall", "positive.recall", "positive.precision",
+    "positive.f1", "negative.recall", "negative.precision", "negative.f1", "roc_auc", "roc_auc_ci95", "pr_auc",
+    "sensitivity.value", "sensitivity.ci95", "specificity.value", "specificity.ci95", "ppv.value", "ppv.ci95",
+    "npv.value", "npv.ci95", "confusion.tn", "confusion.fp", "confusion.fn", "confusion.tp", "threshold.value",
+    "threshold.rule", "threshold.split", "at_0_5.threshold", "at_0_5.accuracy", "at_0_5.macro.f1",
+    "at_0_5.sensitivity.value", "at_0_5.confusion.tp", "at_0_5.by_source", "by_source.toy.n",
+    "by_source.toy.error_rate", "val.accuracy", "val.macro.f1", "val.roc_auc", "val.sensitivity.ci95", "n_test",
+    "model.name", "model.variant", "model.checkpoint_sha256", "bootstrap.resamples",
+]  # fmt: skip
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny inputs: one thread is as fast, and on a shared busy CPU multi-threaded
+    ops stall at their barriers (each op waits for a descheduled thread)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _dig(d, dotted):
+    for part in dotted.split("."):
+        assert isinstance(d, dict) and part in d, f"missing key {dotted}"
+        d = d[part]
+    return d
+
+
+def _checkpoint(path: Path, variant: str, preprocess: dict, threshold: float = 0.5) -> Path:
+    torch.manual_seed(0)
+    net = build_model(MODEL)
+    meta = make_meta(
+        model=MODEL,
+        variant=variant,
+        input_size=int(preprocess["size"]),
+        preprocess=preprocess,
+        params={},
+        threshold={"value": threshold, "rule": "max_f1", "split": "val"},
+        epoch=1,
+        val_loss=0.5,
+    )
+    save_checkpoint(path, meta, net.state_dict())
+    return path
+
+
+def _params_file(tmp_path: Path) -> Path:
+    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    raw["evaluate"]["bootstrap"] = 50
+    raw["train"]["num_workers"] = 0
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+@pytest.fixture
+def tiny(tmp_path):
+    shards = make_tiny_shards(tmp_path / "shards" / "plain", size=SIZE)
+    ckpt = _checkpoint(tmp_path / "models" / "best.pt", "plain", read_summary(shards).preprocess, threshold=0.52)
+    return shards, ckpt
+
+
+def test_evaluate_cli_writes_every_required_key(tmp_path, tiny):
+    shards, ckpt = tiny
+    out, preds, plots = tmp_path / "m" / "eval.json", tmp_path / "m" / "pred.csv", tmp_path / "m" / "plots"
+    result = CliRunner().invoke(
+        app,
+        ["evaluate", "--model", str(ckpt), "--shards", str(shards), "--out", str(out), "--predictions", str(preds),
+         "--plots", str(plots), "--params", str(_params_file(tmp_path))],  # fmt: skip
+    )
+    assert result.exit_code == 0, result.output
+    report = json.loads(out.read_text())
+    for key in REQUIRED:
+        _dig(report, key)
+    assert report["n_test"] == read_summary(shards).split("test").count == 8
+    assert report["threshold"]["value"] == 0.52 and report["at_0_5"]["threshold"] == 0.5
+    assert report["model"]["name"] == MODEL and len(report["model"]["checkpoint_sha256"]) == 64
+
+    rows = list(csv.DictReader(preds.open()))
+    assert len(rows) == 8 and len({r["key"] for r in rows}) == 8
+    assert set(rows[0]) == {"key", "source", "patient_id", "filename", "label", "probability", "predicted"}
+    called = sum(int(r["predicted"]) for r in rows)
+    assert called == report["confusion"]["tp"] + report["confusion"]["fp"]
+    assert all(int(r["predicted"]) == (float(r["probability"]) >= 0.52) for r in rows)
+
+    roc = json.loads((plots / "roc.json").read_text())
+    assert roc[0] == {"fpr": 0.0, "tpr": 0.0, "threshold": 1.0} and roc[-1]["fpr"] == 1.0
+    assert {"recall", "precision"} <= set(json.loads((plots / "pr.json").read_text())[0])
+    confusion = (plots / "confusion.csv").read_text().splitlines()
+    assert confusion[0] == "actual,predicted" and len(confusion) == 9
+
+
+def test_val_metrics_are_the_val_split(tmp_path):
+    shards = make_tiny_shards(tmp_path / "s", per_class={"train": 2, "val": 3, "test": 5}, size=SIZE)
+    ckpt = _checkpoint(tmp_path / "best.pt", "plain", read_summary(shards).preprocess)
+    params = load_params(_params_file(tmp_path)).evaluate
+    result = evaluate_shards(ckpt, shards, params, seed=0, num_workers=0)
+    assert result.report["n_test"] == 10 and result.report["val"]["n"] == 6
+    assert len(result.test.keys) == 10
+
+
+def test_wrong_variant_is_refused(tmp_path, tiny):
+    shards, _ = tiny
+    ckpt = _checkpoint(tmp_path / "eq.pt", "equalized", read_summary(shards).preprocess)
+    params = load_params(_params_file(tmp_path)).evaluate
+    with pytest.raises(CxrError, match="shards/equalized"):
+        evaluate_shards(ckpt, shards, params, seed=0, num_workers=0)
+
+
+@pytest.fixture
+def external(tmp_path):
+    root = tmp_path / "ext"
+    generate_sample(root, 2, 4, seed=3)
+    cfg = PreprocessConfig.for_variant(load_params(REPO / "params.yaml").preprocess, "equalized")
+    preprocess = dataclasses.replace(cfg, size=SIZE).to_dict()
+    return root, _checkpoint(tmp_path / "ext.pt", "equalized", preprocess)
+
+
+def _external_cli(ckpt: Path, root: Path, out: Path, tmp_path: Path):
+    args = ["evaluate", "--model", str(ckpt), "--root", str(root), "--out", str(out)]
+    return CliRunner().invoke(app, args + ["--params", str(_params_file(tmp_path))])
+
+
+def test_external_root_through_the_checkpoint_preprocessing(tmp_path, external):
+    root, ckpt = external
+    out = tmp_path / "external.json"
+    result = _external_cli(ckpt, root, out, tmp_path)
+    assert result.exit_code == 0, result.output
+    report = json.loads(out.read_text())
+    n_lines = len((root / "test.txt").read_text().splitlines())
+    assert report["n_test"] == n_lines and report["dataset"]["reject_count"] == 0
+    assert set(report["by_source"]) == {line.split()[-1] for line in (root / "test.txt").read_text().splitlines()}
+    for key in ("accuracy", "macro.f1", "roc_auc", "sensitivity.ci95", "at_0_5.accuracy"):
+        _dig(report, key)
+    assert not (tmp_path / "metrics").exists()  # no predictions/plots unless asked for
+
+
+def test_external_rejects_are_reported_and_bounded(tmp_path, external):
+    root, ckpt = external
+    victim = (root / "test.txt").read_text().splitlines()[0].split()[1]
+    (root / "test" / victim).write_bytes(b"not an image")
+    result = _external_cli(ckpt, root, tmp_path / "x.json", tmp_path)
+    assert result.exit_code == 1
+    assert "1 of 8 test images rejected" in result.output
+
+
+def test_external_one_class_dataset_has_null_auc(tmp_path, external):
+    root, ckpt = external
+    lines = [ln for ln in (root / "test.txt").read_text().splitlines() if " negative " in ln]
+    (root / "test.txt").write_text("\n".join(lines) + "\n")
+    out = tmp_path / "neg.json"
+    result = _external_cli(ckpt, root, out, tmp_path)
+    assert result.exit_code == 0, result.output
+    report = json.loads(out.read_text())
+    assert report["roc_auc"] is None and "only negative" in report["auc_undefined"]
+    assert report["sensitivity"]["value"] is None
+
+
+def test_decoded_probabilities_match_a_direct_forward(tmp_path, tiny):
+    """The loader path (uint8 -> /255 -> model) gives the same numbers as calling the model by hand."""
+    shards, ckpt = tiny
+    params = load_params(_params_file(tmp_path)).evaluate
+    result = evaluate_shards(ckpt, shards, params, seed=0, num_workers=0)
+    summary = read_summary(shards)
+    sample = next(iter(wds.WebDataset(summary.shard_paths("test")[0], shardshuffle=False)))
+    img = cv2.imdecode(np.frombuffer(sample["png"], np.uint8), cv2.IMREAD_UNCHANGED)
+    net = load_checkpoint(ckpt).build()
+    with torch.inference_mode():
+        prob = torch.sigmoid(net(torch.from_numpy(img)[None, None].float() / 255)).item()
+    index = result.test.keys.index(sample["__key__"])
+    assert result.test.probs[index] == pytest.approx(prob, abs=1e-6)

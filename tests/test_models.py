@@ -1,0 +1,72 @@
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pipeline.errors import CxrError
+from train.models import MODELS, build_model, inference_param_count, model_spec
+
+# The study's Table V, millions of parameters.
+TABLE_V_M = {"alexnet": 57.0, "vgg16": 134.3, "resnet50": 23.5, "densenet121": 7.0, "inceptionv3": 21.8}
+
+
+@pytest.fixture(scope="module")
+def nets():
+    torch.manual_seed(0)
+    return {name: build_model(name).eval() for name in MODELS}
+
+
+def test_registry_is_the_study_five():
+    assert set(MODELS) == set(TABLE_V_M)
+
+
+@pytest.mark.parametrize("name", list(TABLE_V_M))
+def test_parameter_count_matches_table_v(nets, name):
+    assert inference_param_count(nets[name]) / 1e6 == pytest.approx(TABLE_V_M[name], abs=0.1)
+
+
+def test_inception_aux_head_is_not_counted(nets):
+    net = nets["inceptionv3"]
+    assert sum(p.numel() for p in net.parameters()) - inference_param_count(net) > 2_000_000
+
+
+@pytest.mark.parametrize("name", list(TABLE_V_M))
+def test_one_channel_in_one_logit_out(nets, name):
+    net = nets[name]
+    size = 224 if name == "inceptionv3" else 64  # the others accept any size >= 64; keep the test cheap
+    with torch.inference_mode():
+        out = net(torch.rand(2, 1, size, size))
+    assert out.shape == (2,) and out.dtype == torch.float32 and torch.isfinite(out).all()
+    first_conv = next(m for m in net.modules() if isinstance(m, torch.nn.Conv2d))
+    assert first_conv.in_channels == 1
+
+
+def test_inception_upsamples_to_299_and_returns_aux_logits_in_training(nets):
+    net = nets["inceptionv3"]
+    seen = []
+    hook = net.backbone.Conv2d_1a_3x3.register_forward_pre_hook(lambda m, args: seen.append(args[0].shape))
+    try:
+        net.train()
+        logits, aux = net(torch.rand(2, 1, 224, 224))
+    finally:
+        net.eval()
+        hook.remove()
+    assert seen == [torch.Size([2, 1, 299, 299])]
+    assert logits.shape == (2,) and aux.shape == (2,)
+    assert model_spec("inceptionv3").network_input == 299
+
+
+def test_default_learning_rates_follow_the_study():
+    assert model_spec("alexnet").default_lr == model_spec("vgg16").default_lr == 1e-4
+    assert model_spec("resnet50").default_lr == model_spec("densenet121").default_lr == 1e-3
+    assert model_spec("inceptionv3").default_lr == 1e-3
+
+
+@pytest.mark.parametrize("name", list(TABLE_V_M))
+def test_cam_layer_exists(nets, name):
+    assert isinstance(nets[name].cam_layer(), torch.nn.Module)
+
+
+def test_unknown_model_lists_the_valid_ones():
+    with pytest.raises(CxrError, match="resnet50"):
+        build_model("resnet51")

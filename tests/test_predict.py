@@ -1,0 +1,203 @@
+"""`cxr predict`: every input format, errors recorded per row, exit code, heatmaps, ONNX."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from typer.testing import CliRunner
+
+from pipeline.cli import app
+from pipeline.dicom import read_dicom
+from pipeline.preprocess import PreprocessConfig, preprocess_array, preprocess_bytes
+from train.checkpoint import load_checkpoint, make_meta, save_checkpoint
+from train.export import export_onnx
+from train.predict import CSV_COLUMNS, collect_inputs, heatmap_name, load_image
+from tests.test_dicom import dicom_bytes
+from tests.test_export import PREPROCESS, make_checkpoint
+
+CFG = PreprocessConfig.from_dict(PREPROCESS)
+GOOD = ("a.png", "b16.png", "c.jpg", "d.tiff", "mono1.dcm", "scans/IM0001", "scans/mono2.dcm")
+BAD = ("corrupt.png", "notes.png")
+
+
+def chest(rng: np.random.Generator, h: int = 300, w: int = 260, hi: int = 255) -> np.ndarray:
+    """A radiograph-ish picture: smooth structure plus noise, so images differ from one another."""
+    yy, xx = np.mgrid[:h, :w] / max(h, w)
+    cx, cy = rng.uniform(0.3, 0.7, 2)
+    img = np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / 0.08) + 0.2 * rng.random((h, w))
+    return np.round(img / img.max() * hi)
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory) -> Path:
+    rng = np.random.default_rng(3)
+    root = tmp_path_factory.mktemp("inputs")
+    (root / "scans").mkdir()
+    cv2.imwrite(str(root / "a.png"), chest(rng).astype(np.uint8))
+    cv2.imwrite(str(root / "b16.png"), chest(rng, hi=65535).astype(np.uint16))
+    cv2.imwrite(str(root / "c.jpg"), chest(rng).astype(np.uint8), [cv2.IMWRITE_JPEG_QUALITY, 90])
+    Image.fromarray(chest(rng).astype(np.uint8)).save(root / "d.tiff")
+    twelve_bit = chest(rng, hi=4095).astype(np.uint16)
+    (root / "mono1.dcm").write_bytes(
+        dicom_bytes(twelve_bit, photometric="MONOCHROME1", slope=1.0, intercept=-1024.0, window=(600.0, 3000.0))
+    )
+    (root / "scans" / "IM0001").write_bytes(dicom_bytes(chest(rng, hi=4095).astype(np.uint16)))  # found by magic
+    (root / "scans" / "mono2.dcm").write_bytes(
+        dicom_bytes(twelve_bit, slope=2.0, intercept=-1024.0, window=(1000.0, 4000.0))
+    )
+    png = (root / "a.png").read_bytes()
+    (root / "corrupt.png").write_bytes(png[: len(png) // 3])
+    (root / "notes.png").write_text("this is not an image\n")
+    (root / "readme.txt").write_text("ignored: not an image suffix, no DICOM magic\n")
+    (root / ".hidden.png").write_text("ignored: hidden\n")
+    return root
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory, inputs) -> Path:
+    """resnet50 whose threshold is the median probability over the good inputs, so both decisions occur."""
+    good = [inputs / name for name in GOOD]
+    path = make_checkpoint(tmp_path_factory.mktemp("model") / "best.pt", "resnet50",
+                           calibration=np.stack([load_image(p, CFG) for p in good]))  # fmt: skip
+    ckpt = load_checkpoint(path)
+    probs = direct_probabilities(ckpt.build(), good)
+    meta = dict(ckpt.meta, threshold={"value": float(np.median(list(probs.values()))), "rule": "fixed", "split": "val"})
+    save_checkpoint(path, meta, ckpt.state_dict)
+    return path
+
+
+def direct_probabilities(model: torch.nn.Module, paths: list[Path]) -> dict[str, float]:
+    images = np.stack([load_image(p, CFG) for p in paths])
+    with torch.inference_mode():
+        probs = torch.sigmoid(model(torch.from_numpy(images[:, None]).float() / 255.0)).numpy()
+    return {str(p): float(v) for p, v in zip(paths, probs)}
+
+
+def read_rows(path: Path) -> dict[str, dict[str, str]]:
+    with open(path, newline="") as fh:
+        reader = csv.DictReader(fh)
+        assert tuple(reader.fieldnames) == CSV_COLUMNS
+        return {row["path"]: row for row in reader}
+
+
+def run(*args: str):
+    return CliRunner().invoke(app, ["predict", *args, "--no-progress"])
+
+
+def test_predict_folder_records_every_input_and_fails_with_exit_2(tmp_path, inputs, checkpoint):
+    out = tmp_path / "pred.csv"
+    missing = str(tmp_path / "nowhere.png")
+    result = run(str(inputs), missing, "--model", str(checkpoint), "--out", str(out), "--batch-size", "3")
+    assert result.exit_code == 2, result.output
+    assert "3 failed" in result.output  # the summary line: 2 unreadable + 1 missing
+
+    rows = read_rows(out)
+    assert set(rows) == {str(inputs / n) for n in GOOD + BAD} | {missing}
+    ckpt = load_checkpoint(checkpoint)
+    expected = direct_probabilities(ckpt.build(), [inputs / n for n in GOOD])
+    decisions = set()
+    for name in GOOD:
+        row = rows[str(inputs / name)]
+        assert row["error"] == "", (name, row["error"])
+        prob, threshold = float(row["probability"]), float(row["threshold"])
+        assert threshold == ckpt.threshold
+        assert prob == pytest.approx(expected[str(inputs / name)], abs=1e-6)  # same preprocessing, same model
+        assert row["decision"] == ("positive" if prob >= threshold else "negative")
+        assert row["model"] == f"resnet50/equalized@{ckpt.file_sha256()[:12]}"
+        decisions.add(row["decision"])
+    assert decisions == {"positive", "negative"}
+    for name in BAD:
+        row = rows[str(inputs / name)]
+        assert row["probability"] == row["decision"] == "" and row["error"]
+    assert "no such file" in rows[missing]["error"]
+
+
+def test_all_good_inputs_exit_0_and_globs_work(tmp_path, inputs, checkpoint):
+    out = tmp_path / "pred.csv"
+    result = run(str(inputs / "*.dcm"), str(inputs / "scans" / "*"), "--model", str(checkpoint), "--out", str(out))
+    assert result.exit_code == 0, result.output
+    assert set(read_rows(out)) == {str(inputs / n) for n in ("mono1.dcm", "scans/IM0001", "scans/mono2.dcm")}
+
+
+def test_collect_inputs_walks_folders_and_keeps_named_files(inputs):
+    files, unmatched = collect_inputs([str(inputs), str(inputs / "readme.txt"), "no/such/*.png"])
+    names = {str(p.relative_to(inputs)) for p in files}
+    assert names == set(GOOD) | set(BAD) | {"readme.txt"}  # named explicitly, so it is tried
+    assert unmatched == [("no/such/*.png", "pattern matched no images")]
+    assert files == sorted(files, key=str)
+
+
+def test_dicom_goes_through_the_shard_stage_functions(inputs):
+    data = (inputs / "scans" / "mono2.dcm").read_bytes()
+    via_dicom = load_image(inputs / "scans" / "mono2.dcm", CFG)
+    assert via_dicom.shape == (224, 224) and via_dicom.dtype == np.uint8
+    np.testing.assert_array_equal(via_dicom, preprocess_array(read_dicom(data, CFG.limits), CFG))
+    # the displayed DICOM saved as a PNG gives the very same model input
+    ok, png = cv2.imencode(".png", read_dicom(data, CFG.limits))
+    np.testing.assert_array_equal(via_dicom, preprocess_bytes(png.tobytes(), CFG))
+
+
+def test_heatmaps_one_png_per_image_with_unique_names(tmp_path, inputs, checkpoint):
+    twins = tmp_path / "twins"
+    for sub in ("x", "y"):
+        (twins / sub).mkdir(parents=True)
+        (twins / sub / "same.png").write_bytes((inputs / "a.png").read_bytes())
+    maps = tmp_path / "maps"
+    result = run(str(twins), str(inputs / "c.jpg"), "--model", str(checkpoint), "--out", str(tmp_path / "p.csv"),
+                 "--heatmaps", str(maps))  # fmt: skip
+    assert result.exit_code == 0, result.output
+    written = sorted(p.name for p in maps.iterdir())
+    expected = sorted(heatmap_name(p) for p in (twins / "x" / "same.png", twins / "y" / "same.png", inputs / "c.jpg"))
+    assert written == expected and len(set(written)) == 3 and written[0].startswith(("c-", "same-"))
+    with Image.open(maps / heatmap_name(inputs / "c.jpg")) as png:
+        assert png.size == (224, 224) and png.mode == "RGB"
+        assert np.asarray(png).std(axis=2).mean() > 1  # coloured overlay, not the greyscale input
+
+
+@pytest.mark.slow
+def test_onnx_predictions_match_torch(tmp_path, inputs, checkpoint):
+    onnx_path = export_onnx(checkpoint, tmp_path / "model.onnx")
+    torch_csv, onnx_csv = tmp_path / "torch.csv", tmp_path / "onnx.csv"
+    assert run(str(inputs), "--model", str(checkpoint), "--out", str(torch_csv)).exit_code == 2
+    # --model is not needed with --onnx: the meta comes from the ONNX file
+    result = run(str(inputs), "--model", str(tmp_path / "absent.pt"), "--onnx", str(onnx_path), "--out", str(onnx_csv))
+    assert result.exit_code == 2, result.output
+    by_torch, by_onnx = read_rows(torch_csv), read_rows(onnx_csv)
+    assert set(by_torch) == set(by_onnx)
+    sha = load_checkpoint(checkpoint).file_sha256()[:12]
+    for path, row in by_onnx.items():
+        assert row["model"] == f"resnet50/equalized@{sha}+onnx" and bool(row["error"]) == bool(by_torch[path]["error"])
+        if not row["error"]:
+            assert abs(float(row["probability"]) - float(by_torch[path]["probability"])) <= 1e-4
+            positive = float(row["probability"]) >= float(row["threshold"])
+            assert row["decision"] == ("positive" if positive else "negative")
+
+    # heatmaps with --onnx need the checkpoint the ONNX came from
+    other = make_checkpoint(tmp_path / "other.pt", "resnet50", seed=5)
+    result = run(str(inputs / "a.png"), "--onnx", str(onnx_path), "--model", str(other), "--heatmaps",
+                 str(tmp_path / "m"), "--out", str(tmp_path / "x.csv"))  # fmt: skip
+    assert result.exit_code == 1 and "same weights" in result.output
+
+
+def test_missing_checkpoint_is_exit_1(tmp_path, inputs):
+    result = run(str(inputs / "a.png"), "--model", str(tmp_path / "none.pt"), "--out", str(tmp_path / "p.csv"))
+    assert result.exit_code == 1 and "checkpoint not found" in result.output
+
+
+def test_inconsistent_checkpoint_meta_is_refused(tmp_path, inputs, checkpoint):
+    ckpt = load_checkpoint(checkpoint)
+    bad = tmp_path / "bad.pt"
+    save_checkpoint(bad, make_meta(**{**_meta_args(ckpt.meta), "input_size": 299}), ckpt.state_dict)
+    result = run(str(inputs / "a.png"), "--model", str(bad), "--out", str(tmp_path / "p.csv"))
+    assert result.exit_code == 1 and "inconsistent" in result.output
+
+
+def _meta_args(meta: dict) -> dict:
+    keys = ("model", "variant", "input_size", "preprocess", "params", "threshold", "epoch", "val_loss")
+    return {k: meta[k] for k in keys}

@@ -1,0 +1,168 @@
+"""Benchmark: the streaming trainer vs a naive ImageFolder trainer, same model, same CPU, one run.
+
+Streaming path (what `cxr train` runs): WebDataset shards decoded to uint8 in
+workers, one batched affine warp on the device, bf16 autocast +
+channels_last where the CPU has native bf16. Naive baseline: torchvision
+ImageFolder of the very same PNG bytes, per-image CPU RandomAffine in the
+workers, fp32 NCHW. Both use Adam and the weighted BCE. Each is warmed up
+before timing; the loader-only rates and the fraction of step time spent
+waiting for data show whether the data path could ever be the bottleneck.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from dataclasses import replace
+from itertools import islice
+from pathlib import Path
+from typing import Any
+
+import torch
+import webdataset as wds
+from torch.utils.data import DataLoader
+
+from pipeline.params import Params
+from pipeline.shard_format import CLASS_NAMES, ShardSummary, read_summary
+from train.data import train_batches
+from train.loop import train_one_epoch, weighted_bce
+from train.models import build_model, model_spec
+from train.runtime import Runtime, start_runtime
+
+
+def export_image_folder(summary: ShardSummary, split: str, root: Path) -> int:
+    """Write the split's PNG bytes, unchanged, as root/<class>/<key>.png (ImageFolder layout)."""
+    for name in CLASS_NAMES:
+        (root / name).mkdir(parents=True, exist_ok=True)
+    count = 0
+    for sample in wds.DataPipeline(wds.SimpleShardList(summary.shard_paths(split)), wds.tarfile_to_samples()):
+        label = int(sample["cls"])
+        (root / CLASS_NAMES[label] / f"{sample['__key__']}.png").write_bytes(sample["png"])
+        count += 1
+    return count
+
+
+def _naive_loader(root: Path, params: Params, batch_size: int, workers: int, augment: bool) -> DataLoader:
+    from torchvision import datasets, transforms
+
+    aug = params.train.augment
+    steps = [transforms.Grayscale(num_output_channels=1)]  # ImageFolder's loader makes RGB
+    if augment:
+        steps.append(transforms.RandomAffine(degrees=aug.rotate, translate=(aug.translate, aug.translate),
+                                             scale=aug.scale))
+    steps.append(transforms.ToTensor())
+    dataset = datasets.ImageFolder(str(root), transform=transforms.Compose(steps))
+    return DataLoader(dataset, batch_size=batch_size, shuffle=True, num_workers=workers, drop_last=True,
+                      generator=torch.Generator().manual_seed(params.seed), persistent_workers=workers > 0)
+
+
+def _endless(loader: DataLoader):
+    while True:
+        yield from loader
+
+
+def _naive_train(model, optimizer, batches, class_weights, steps: int) -> dict[str, float]:
+    """fp32 NCHW training steps over already-augmented float batches."""
+    model.train()
+    wait = 0.0
+    start = fetch = time.perf_counter()
+    for x, y in islice(batches, steps):
+        wait += time.perf_counter() - fetch
+        loss = weighted_bce(model(x), y.float(), class_weights[y])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        fetch = time.perf_counter()
+    seconds = time.perf_counter() - start
+    return {"images_per_s": steps * x.shape[0] / seconds, "data_wait_fraction": wait / seconds}
+
+
+def _loader_rate(batches, images: int) -> float:
+    it = iter(batches)
+    next(it)  # worker start-up is not throughput
+    seen, start = 0, time.perf_counter()
+    for batch in it:
+        seen += len(batch["key"]) if isinstance(batch, dict) else batch[0].shape[0]
+        if seen >= images:
+            break
+    return seen / (time.perf_counter() - start)
+
+
+def run_train_benchmark(
+    params: Params,
+    shard_dir: Path,
+    model_name: str,
+    steps: int,
+    warmup: int,
+    loader_images: int,
+    fp32_streaming: bool = False,
+    threads: int = 0,
+) -> dict[str, Any]:
+    """`threads` 0 = all cores (what the trainer uses). On a machine shared with
+    other jobs, 1 thread gives steadier numbers: OpenMP's per-op barriers stall
+    whenever another process holds one of the cores."""
+    summary = read_summary(shard_dir)
+    tp = params.train
+    rt = start_runtime(use_cuda=False)
+    if threads > 0:
+        torch.set_num_threads(threads)
+    naive_rt = replace(rt, autocast_dtype=None, channels_last=False)
+    class_weights = torch.tensor(summary.class_weights("train"), dtype=torch.float32)
+    lr = tp.lr if tp.lr is not None else model_spec(model_name).default_lr
+    # Endless stream, read twice: warm-up batches then timed ones.
+    stream_kw = dict(batch_size=tp.batch_size, num_workers=tp.num_workers, shuffle_buffer=tp.shuffle_buffer,
+                     seed=params.seed, epoch=0)
+
+    def streaming(run_rt: Runtime) -> dict[str, float]:
+        torch.manual_seed(params.seed)
+        net = build_model(model_name).to(memory_format=torch.channels_last if run_rt.channels_last
+                                          else torch.contiguous_format)
+        opt = torch.optim.Adam(net.parameters(), lr=lr)
+        gen = torch.Generator().manual_seed(params.seed)
+        kw = dict(rt=run_rt, class_weights=class_weights, augment=tp.augment, generator=gen,
+                  aux_weight=tp.aux_weight, desc="bench", show_progress=False)
+        train_one_epoch(net, opt, train_batches(summary, steps=warmup, **stream_kw), steps=warmup, **kw)
+        stats = train_one_epoch(net, opt, train_batches(summary, steps=steps, **stream_kw), steps=steps, **kw)
+        return {"images_per_s": stats.images_per_s, "data_wait_fraction": stats.data_wait_fraction}
+
+    result: dict[str, Any] = {
+        "model": model_name, "batch_size": tp.batch_size, "num_workers": tp.num_workers, "steps": steps,
+        "warmup": warmup, "threads": torch.get_num_threads(), "cpu": _cpu_name(),
+        "streaming_precision": rt.describe(), "tcmalloc_preloaded": "tcmalloc" in os.environ.get("LD_PRELOAD", ""),
+        "shards": str(shard_dir), "train_samples": summary.split("train").count,
+    }
+    result["streaming"] = streaming(rt)
+    with tempfile.TemporaryDirectory(prefix="cxr-bench-") as tmp:
+        root = Path(tmp)
+        export_image_folder(summary, "train", root)
+        torch.manual_seed(params.seed)
+        net = build_model(model_name)
+        opt = torch.optim.Adam(net.parameters(), lr=lr)
+        naive = _endless(_naive_loader(root, params, tp.batch_size, tp.num_workers, augment=True))
+        _naive_train(net, opt, naive, class_weights, warmup)
+        result["naive_fp32"] = _naive_train(net, opt, naive, class_weights, steps)
+        del naive
+        if fp32_streaming:  # the streaming path in fp32 NCHW: separates precision/layout from the data path
+            result["streaming_fp32"] = streaming(naive_rt)
+        result["loader_only_images_per_s"] = {
+            "shards": _loader_rate(train_batches(summary, steps=10**9, **stream_kw), loader_images),
+            "folder_decode": _loader_rate(
+                _endless(_naive_loader(root, params, tp.batch_size, tp.num_workers, augment=False)), loader_images),
+            "folder_decode_affine": _loader_rate(
+                _endless(_naive_loader(root, params, tp.batch_size, tp.num_workers, augment=True)), loader_images),
+        }
+    stream, base = result["streaming"]["images_per_s"], result["naive_fp32"]["images_per_s"]
+    result["speedup_vs_naive"] = stream / base
+    result["loader_headroom"] = result["loader_only_images_per_s"]["shards"] / stream
+    return result
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "unknown"

@@ -1,0 +1,257 @@
+"""Stage `evaluate`: a checkpoint over the test and validation shards -> metrics, predictions, plots.
+
+Layout of the metrics JSON (`metrics/eval.json`):
+
+- top level: the TEST split at the operating threshold the trainer chose on
+  validation (`threshold` = the checkpoint's {value, rule, split, ...}):
+  `accuracy`, `negative`/`positive` {precision, recall, f1, support}, `macro`
+  {precision, recall, f1}, `confusion` {tn, fp, fn, tp}, `sensitivity`,
+  `specificity`, `ppv`, `npv` (each {value, ci95}), `by_source`; plus the
+  threshold-free `roc_auc`, `roc_auc_ci95`, `pr_auc`, and `n_test`,
+  `positives`, `negatives`;
+- `at_0_5`: the same threshold-dependent block at threshold 0.5;
+- `val`: the validation split in the same layout (its own `at_0_5` included);
+- `model`: checkpoint identity (path, sha256, model, variant, epoch);
+  `bootstrap`: how the intervals were drawn.
+
+External testing scores another COVIDx-layout root's test split through the
+checkpoint's own preprocessing, without shards, into a separate file.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from pipeline.errors import CxrError
+from pipeline.imageio import ImageRejected
+from pipeline.params import EvaluateParams
+from pipeline.preprocess import PreprocessConfig, preprocess_bytes
+from pipeline.shard_format import CLASS_NAMES, ShardSummary, read_summary
+from train import metrics
+from train.checkpoint import Checkpoint, load_checkpoint
+from train.data import eval_batches
+
+
+@dataclass(frozen=True)
+class Predictions:
+    keys: list[str]
+    labels: np.ndarray  # int64 (N,)
+    probs: np.ndarray  # float64 (N,), P(positive)
+    meta: list[dict[str, Any]]  # per image: source, patient_id, filename, ...
+
+    @property
+    def sources(self) -> list[str]:
+        return [str(m.get("source", "unknown")) for m in self.meta]
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    report: dict[str, Any]
+    test: Predictions
+
+
+def inference_device() -> torch.device:
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def predict_batches(model: torch.nn.Module, batches: Iterable[dict[str, Any]], device: torch.device) -> Predictions:
+    """fp32 probabilities for uint8 (B, 1, H, W) batches, in the order given."""
+    model = model.to(device).eval()
+    keys, labels, probs, meta = [], [], [], []
+    with torch.inference_mode():
+        for batch in batches:
+            x = batch["image"].to(device, non_blocking=True).float().div_(255.0)
+            probs.append(torch.sigmoid(model(x).float()).cpu().numpy())
+            labels.append(batch["label"].numpy())
+            keys += list(batch["key"])
+            meta += list(batch["meta"])
+    if not keys:
+        raise CxrError("no images to evaluate")
+    return Predictions(keys, np.concatenate(labels).astype(np.int64), np.concatenate(probs).astype(np.float64), meta)
+
+
+def identity(ckpt: Checkpoint) -> dict[str, Any]:
+    return {
+        "name": ckpt.model_name,
+        "variant": ckpt.variant,
+        "checkpoint": str(ckpt.path),
+        "checkpoint_sha256": ckpt.file_sha256(),
+        "epoch": ckpt.meta.get("epoch"),
+        "input_size": ckpt.input_size,
+    }
+
+
+def split_report(pred: Predictions, threshold: float, params: EvaluateParams, seed: int) -> dict[str, Any]:
+    """The metrics layout described in the module docstring, for one split."""
+    report = metrics.split_metrics(pred.labels, pred.probs, threshold, params.bootstrap, seed)
+    report["by_source"] = metrics.by_source(pred.labels, pred.probs, pred.sources, threshold)
+    report["at_0_5"]["threshold"] = 0.5
+    report["at_0_5"]["by_source"] = metrics.by_source(pred.labels, pred.probs, pred.sources, 0.5)
+    return report
+
+
+def _check_compatible(ckpt: Checkpoint, summary: ShardSummary) -> None:
+    if summary.variant != ckpt.variant:
+        raise CxrError(
+            f"{summary.directory} holds the {summary.variant!r} variant but the checkpoint was trained on "
+            f"{ckpt.variant!r}: pass --shards shards/{ckpt.variant}"
+        )
+    if summary.preprocess != ckpt.preprocess:
+        raise CxrError(
+            f"{summary.directory} was preprocessed with {summary.preprocess}, the checkpoint with {ckpt.preprocess}: "
+            "re-shard or pass the matching --shards"
+        )
+
+
+def evaluate_shards(
+    checkpoint_path: Path, shards_dir: Path | None, params: EvaluateParams, seed: int, num_workers: int
+) -> EvalResult:
+    """Test and validation metrics of a checkpoint on the shards of its own variant."""
+    ckpt = load_checkpoint(checkpoint_path)
+    summary = read_summary(shards_dir or Path("shards") / ckpt.variant)
+    _check_compatible(ckpt, summary)
+    model, device = ckpt.build(), inference_device()
+    threshold = ckpt.meta["threshold"]
+    preds = {
+        split: predict_batches(model, eval_batches(summary, split, params.batch_size, num_workers), device)
+        for split in ("test", "val")
+    }
+    for split, pred in preds.items():  # eval_batches asserts this too; a metric over a partial split is wrong
+        if len(pred.keys) != summary.split(split).count:
+            expected = summary.split(split).count
+            raise CxrError(f"scored {len(pred.keys)} {split} images, the shard summary says {expected}")
+    test = split_report(preds["test"], float(threshold["value"]), params, seed)
+    n_test = test.pop("n")
+    report = {
+        "model": identity(ckpt),
+        "threshold": threshold,
+        "n_test": n_test,
+        **test,
+        "val": split_report(preds["val"], float(threshold["value"]), params, seed),
+        "bootstrap": {"resamples": params.bootstrap, "seed": seed, "method": "percentile, resampling images"},
+        "shards": str(summary.directory),
+        "device": str(device),
+    }
+    return EvalResult(report, preds["test"])
+
+
+def _load_external(item: dict[str, Any], cfg: PreprocessConfig) -> np.ndarray | str:
+    """Preprocessed image, or the reason it was rejected."""
+    try:
+        data = Path(item["path"]).read_bytes()
+    except OSError as exc:
+        return f"cannot read {item['path']}: {exc.strerror or exc}"
+    try:
+        return preprocess_bytes(data, cfg)
+    except ImageRejected as exc:
+        return str(exc)
+
+
+def _external_batches(images: list[tuple[dict[str, Any], np.ndarray]], batch_size: int) -> Iterator[dict[str, Any]]:
+    for start in range(0, len(images), batch_size):
+        chunk = images[start : start + batch_size]
+        yield {
+            "image": torch.from_numpy(np.stack([img for _, img in chunk])[:, None]),
+            "label": torch.tensor([int(item["label"]) for item, _ in chunk], dtype=torch.int64),
+            "key": [item["key"] for item, _ in chunk],
+            "meta": [{k: item[k] for k in ("source", "patient_id", "filename")} for item, _ in chunk],
+        }
+
+
+def evaluate_external(
+    checkpoint_path: Path,
+    items: list[dict[str, Any]],
+    label_rejects: list[dict[str, Any]],
+    params: EvaluateParams,
+    seed: int,
+    max_reject_fraction: float,
+    workers: int,
+    root: str,
+) -> EvalResult:
+    """Score an external test set: `items` = [{key, path, label, source, patient_id, filename}].
+
+    Images go through the checkpoint's own preprocessing (the shards' code path),
+    so an external number measures the model, not a preprocessing mismatch. A
+    rejected image is listed with its reason; too many rejects is an error.
+    """
+    ckpt = load_checkpoint(checkpoint_path)
+    cfg = PreprocessConfig.from_dict(ckpt.preprocess)
+    # Decoding releases the GIL (OpenCV/Pillow), so threads suffice.
+    with ThreadPoolExecutor(max_workers=max(1, workers or os.cpu_count() or 1)) as pool:
+        loaded = list(pool.map(lambda item: _load_external(item, cfg), items))
+    images = [(item, img) for item, img in zip(items, loaded) if not isinstance(img, str)]
+    rejects = label_rejects + [
+        {"filename": item["filename"], "reason": why} for item, why in zip(items, loaded) if isinstance(why, str)
+    ]
+    total = len(items) + len(label_rejects)
+    if total == 0 or len(rejects) / total > max_reject_fraction:
+        first = "; ".join(r["reason"] for r in rejects[:3])
+        raise CxrError(
+            f"{root}: {len(rejects)} of {total} test images rejected (limit {max_reject_fraction:.0%}). {first}"
+        )
+    pred = predict_batches(ckpt.build(), _external_batches(images, params.batch_size), inference_device())
+    threshold = ckpt.meta["threshold"]
+    test = split_report(pred, float(threshold["value"]), params, seed)
+    n_test = test.pop("n")
+    report = {
+        "model": identity(ckpt),
+        "threshold": threshold,
+        "n_test": n_test,
+        **test,
+        "dataset": {"root": root, "label_lines": total, "reject_count": len(rejects), "rejects": rejects},
+        "bootstrap": {"resamples": params.bootstrap, "seed": seed, "method": "percentile, resampling images"},
+        "device": str(inference_device()),
+    }
+    return EvalResult(report, pred)
+
+
+def _write_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def write_json(path: Path, obj: Any) -> None:
+    _write_text(path, json.dumps(obj, indent=1, sort_keys=True, allow_nan=False) + "\n")
+
+
+def write_predictions(path: Path, pred: Predictions, threshold: float) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    predicted = metrics.predict_labels(pred.probs, threshold)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["key", "source", "patient_id", "filename", "label", "probability", "predicted"])
+        for key, meta, label, prob, hat in zip(pred.keys, pred.meta, pred.labels, pred.probs, predicted):
+            where = [meta.get(k, "") for k in ("source", "patient_id", "filename")]
+            writer.writerow([key, *where, int(label), f"{prob:.6f}", int(hat)])
+    os.replace(tmp, path)
+
+
+def write_plots(plots_dir: Path, pred: Predictions, threshold: float) -> None:
+    """ROC and PR points (JSON lists) and one (actual, predicted) row per image for DVC's confusion template."""
+    write_json(plots_dir / "roc.json", metrics.roc_points(pred.labels, pred.probs))
+    write_json(plots_dir / "pr.json", metrics.pr_points(pred.labels, pred.probs))
+    predicted = metrics.predict_labels(pred.probs, threshold)
+    rows = "".join(f"{CLASS_NAMES[a]},{CLASS_NAMES[b]}\n" for a, b in zip(pred.labels, predicted))
+    _write_text(plots_dir / "confusion.csv", "actual,predicted\n" + rows)
+
+
+def write_outputs(result: EvalResult, out: Path, predictions: Path | None, plots_dir: Path | None) -> None:
+    threshold = float(result.report["threshold"]["value"])
+    if predictions is not None:
+        write_predictions(predictions, result.test, threshold)
+    if plots_dir is not None:
+        write_plots(plots_dir, result.test, threshold)
+    write_json(out, result.report)

@@ -1,0 +1,261 @@
+"""ONNX export of a checkpoint, verified against PyTorch, carrying its own metadata.
+
+The exported graph is `ScreeningNet.forward` in eval mode: input `image`, float
+(batch, 1, 224, 224) in [0, 1]; output `logit`, (batch,). The intensity
+standardisation and InceptionV3's bilinear 224 -> 299 upsampling are inside the
+graph, so an ONNX runtime needs nothing from this repository but the
+preprocessing. The batch axis is dynamic.
+
+The checkpoint's meta (model, variant, input size, threshold, preprocess,
+params), its sha256 and the verification result are stored as JSON under the
+metadata_props key "cxr_screen", so `predict --onnx` can run from the .onnx
+file alone and every prediction names the checkpoint it came from.
+
+`torch.onnx.export(dynamo=True)` is tried first; if it raises, the TorchScript
+exporter (dynamo=False) is used, and which one ran is recorded in the metadata.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+import json
+import logging
+import os
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+
+from pipeline.errors import CxrError
+from pipeline.shard_format import read_summary
+from train.checkpoint import Checkpoint, load_checkpoint
+
+log = logging.getLogger(__name__)
+
+OPSET = 20  # what the dynamo exporter emits natively in torch 2.14; onnxruntime >= 1.17 runs it
+INPUT_NAME = "image"
+OUTPUT_NAME = "logit"
+META_KEY = "cxr_screen"
+# Accepted: |P_onnx - P_torch| <= TOLERANCE on probabilities (what predict reports), and
+# |logit_onnx - logit_torch| <= TOLERANCE * max(1, |logit|), which still checks the
+# graph where probabilities saturate (e.g. an untrained InceptionV3 gives logits ~1e11).
+TOLERANCE = 1e-4
+META_REQUIRED = ("model", "variant", "input_size", "threshold", "preprocess", "checkpoint_sha256", "onnx")
+VERIFY_BATCHES = (1, 3)  # differ from the export example's batch of 2: proves the batch axis is dynamic
+
+
+def export_onnx(
+    checkpoint: Path | str | Checkpoint,
+    out_path: Path | str,
+    verify_images: np.ndarray | None = None,
+    tolerance: float = TOLERANCE,
+) -> Path:
+    """Export `checkpoint` to `out_path` (one self-contained .onnx file) and verify it.
+
+    Verification runs onnxruntime (CPU) and PyTorch on seeded random images and
+    on `verify_images` (uint8 (N, H, W) preprocessed images, e.g. real test
+    images) and raises CxrError beyond `tolerance` (see TOLERANCE). The file
+    is written atomically and only once verified.
+    """
+    ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else load_checkpoint(checkpoint)
+    out_path = Path(out_path)
+    model = ckpt.build().float().eval()
+    size = ckpt.input_size
+    example = torch.rand(2, 1, size, size, generator=torch.Generator().manual_seed(0))
+
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_path.with_name(out_path.name + ".tmp")
+    try:
+        start = time.perf_counter()
+        exporter = _export(model, example, tmp)
+        seconds = time.perf_counter() - start
+        session = onnx_session(tmp, providers=["CPUExecutionProvider"])
+        verification = verify(model, session, size, verify_images, tolerance)
+        meta = {
+            **ckpt.meta,
+            "checkpoint_file": ckpt.path.name,
+            "checkpoint_sha256": ckpt.file_sha256(),
+            # no timings in here: the same checkpoint must give the same file
+            "onnx": {"exporter": exporter, "opset": OPSET, "input": INPUT_NAME, "output": OUTPUT_NAME,
+                     "verification": verification},
+        }  # fmt: skip
+        _write_metadata(tmp, meta)
+        os.replace(tmp, out_path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    log.info("exported %s with %s in %.1f s to %s: %s", ckpt.model_name, exporter, seconds, out_path, verification)
+    return out_path
+
+
+def _export(model: torch.nn.Module, example: torch.Tensor, path: Path) -> str:
+    chatter = io.StringIO()  # the dynamo exporter prints progress to stdout, which carries the CLI's JSON
+    try:
+        with contextlib.redirect_stdout(chatter):
+            program = torch.onnx.export(
+                model,
+                (example,),
+                dynamo=True,
+                input_names=[INPUT_NAME],
+                output_names=[OUTPUT_NAME],
+                dynamic_shapes={"x": {0: torch.export.Dim("batch")}},
+                opset_version=OPSET,
+                verbose=False,
+            )
+        program.save(path, external_data=False)  # one file: even VGG16 (~540 MB) is far below protobuf's 2 GB
+        return "dynamo"
+    except Exception as exc:  # the dynamo exporter fails in many ways; the fallback below is the remedy
+        log.warning("dynamo ONNX export failed (%s: %s); using the TorchScript exporter", type(exc).__name__, exc)
+        log.debug("dynamo exporter output:\n%s", chatter.getvalue())
+    try:
+        with warnings.catch_warnings():
+            # TracerWarning on ScreeningNet's input-size branch: the size is fixed per exported model;
+            # the deprecation notice is about this very fallback, chosen knowingly.
+            warnings.simplefilter("ignore", torch.jit.TracerWarning)
+            warnings.simplefilter("ignore", DeprecationWarning)
+            torch.onnx.export(
+                model,
+                (example,),
+                str(path),
+                dynamo=False,
+                input_names=[INPUT_NAME],
+                output_names=[OUTPUT_NAME],
+                dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
+                opset_version=OPSET,
+            )
+    except Exception as exc:
+        raise CxrError(f"ONNX export failed with both exporters: {type(exc).__name__}: {exc}") from exc
+    return "torchscript"
+
+
+def verify(
+    model: torch.nn.Module,
+    session: ort.InferenceSession,
+    size: int,
+    images: np.ndarray | None = None,
+    tolerance: float = TOLERANCE,
+) -> dict[str, Any]:
+    """Compare onnxruntime with PyTorch; raise CxrError beyond `tolerance`.
+
+    Returns {"inputs": n, "max_abs_diff_probability", "max_abs_diff_logit", "max_scaled_diff_logit", ...}.
+    On failure the message also compares both float32 runtimes with PyTorch in
+    float64: when ONNX's error is of the same order as PyTorch float32's, the
+    network is numerically sensitive rather than the export wrong (measured on
+    an untrained InceptionV3: 2.8e-4 for PyTorch, 7.2e-4 for ONNX).
+    """
+    generator = torch.Generator().manual_seed(1)
+    batches = [torch.rand(b, 1, size, size, generator=generator) for b in VERIFY_BATCHES]
+    if images is not None and len(images):
+        if images.dtype != np.uint8 or images.ndim != 3 or images.shape[1:] != (size, size):
+            raise CxrError(f"verification images must be uint8 (N, {size}, {size}), got {images.dtype} {images.shape}")
+        real = torch.from_numpy(images[:, None].astype(np.float32) / 255.0)
+        batches += list(real.split(8))
+    expected, got = [], []
+    with torch.inference_mode():
+        for x in batches:
+            expected.append(model(x).numpy().astype(np.float64))
+            got.append(session.run([OUTPUT_NAME], {INPUT_NAME: x.numpy()})[0].astype(np.float64))
+            if got[-1].shape != expected[-1].shape:
+                raise CxrError(f"ONNX output shape {got[-1].shape} != PyTorch {expected[-1].shape}")
+    torch_logits, onnx_logits = np.concatenate(expected), np.concatenate(got)
+    diff = np.abs(onnx_logits - torch_logits)
+    result = {
+        "inputs": len(torch_logits),
+        "max_abs_diff_probability": float(np.abs(_sigmoid(onnx_logits) - _sigmoid(torch_logits)).max()),
+        "max_abs_diff_logit": float(diff.max()),
+        "max_scaled_diff_logit": float((diff / np.maximum(1.0, np.abs(torch_logits))).max()),
+        "tolerance": tolerance,
+    }
+    if not (result["max_abs_diff_probability"] <= tolerance and result["max_scaled_diff_logit"] <= tolerance):
+        # (written so that NaN fails too)
+        exact = _sigmoid(_float64_logits(model, batches))
+        torch_err = float(np.abs(_sigmoid(torch_logits) - exact).max())
+        onnx_err = float(np.abs(_sigmoid(onnx_logits) - exact).max())
+        sensitive = onnx_err <= 10 * torch_err  # same order of magnitude; a wrong graph is off by far more
+        raise CxrError(
+            f"ONNX output differs from PyTorch beyond {tolerance}: {result}. Against PyTorch in float64, "
+            f"PyTorch float32 is off by {torch_err:.3g} and ONNX by {onnx_err:.3g} in probability"
+            + ("; the network is numerically sensitive, not the export wrong (see --tolerance)" if sensitive else "")
+        )
+    return result
+
+
+def _float64_logits(model: torch.nn.Module, batches: list[torch.Tensor]) -> np.ndarray:
+    exact = copy.deepcopy(model).double()
+    with torch.inference_mode():
+        return np.concatenate([exact(x.double()).numpy() for x in batches])
+
+
+def _sigmoid(x: np.ndarray) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-x))
+
+
+def _write_metadata(path: Path, meta: dict[str, Any]) -> None:
+    proto = onnx.load(str(path))
+    del proto.metadata_props[:]
+    entry = proto.metadata_props.add()
+    entry.key, entry.value = META_KEY, json.dumps(meta, sort_keys=True)
+    proto.producer_name = "cxr-screen"
+    onnx.save(proto, str(path))
+
+
+def onnx_session(
+    path: Path | str, threads: int | None = None, providers: list[str] | None = None
+) -> ort.InferenceSession:
+    """An onnxruntime session: CUDA when the installed onnxruntime has it, else CPU.
+
+    `threads`: intra-op threads (None or 0: onnxruntime's default, one per core).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CxrError(f"ONNX model not found: {path}")
+    options = ort.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = threads
+    if providers is None:
+        available = ort.get_available_providers()
+        providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
+    try:
+        return ort.InferenceSession(str(path), sess_options=options, providers=providers)
+    except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph/... types
+        raise CxrError(f"cannot load ONNX model {path}: {exc}") from exc
+
+
+def onnx_meta(session: ort.InferenceSession, path: Path | str = "<onnx>") -> dict[str, Any]:
+    """The checkpoint meta stored at export (see module docstring)."""
+    raw = session.get_modelmeta().custom_metadata_map.get(META_KEY)
+    if raw is None:
+        raise CxrError(f"{path} has no '{META_KEY}' metadata: it was not written by `cxr export`")
+    meta = json.loads(raw)
+    missing = [k for k in META_REQUIRED if k not in meta]
+    if missing:
+        raise CxrError(f"{path}: '{META_KEY}' metadata lacks {missing}; re-export it with `cxr export`")
+    return meta
+
+
+def onnx_probabilities(session: ort.InferenceSession, images: np.ndarray) -> np.ndarray:
+    """uint8 (B, H, W) preprocessed images -> float64 P(COVID-19), shape (B,)."""
+    x = images[:, None].astype(np.float32) / np.float32(255.0)
+    return _sigmoid(session.run([OUTPUT_NAME], {INPUT_NAME: x})[0].astype(np.float64))
+
+
+def shard_test_images(shard_dir: Path | str, count: int) -> np.ndarray:
+    """The first `count` test-split images of a shard directory, uint8 (N, H, W), in the shards' fixed order."""
+    from train.data import eval_batches
+
+    if count < 1:
+        raise CxrError(f"verification image count must be >= 1, got {count}")
+    chunks: list[np.ndarray] = []
+    for batch in eval_batches(read_summary(shard_dir), "test", batch_size=count, num_workers=0):
+        chunks.append(batch["image"][:, 0].numpy())
+        if sum(len(c) for c in chunks) >= count:
+            break
+    if not chunks:
+        raise CxrError(f"{shard_dir}: no test images to verify the export on")
+    return np.concatenate(chunks)[:count]

@@ -1,0 +1,345 @@
+"""Inference cost of a checkpoint's network: Table V, made meaningful on any machine.
+
+Besides milliseconds per image, the report carries the model's FLOPs, this
+machine's measured fp32 peak (matmul and convolution probes in the same run)
+and so the floor `flops / peak`: `ratio_to_floor` says how close a path comes to what the
+hardware allows, which a bare millisecond figure from another machine cannot.
+
+Timing hygiene (as timm's benchmark does): warm-up runs first, then the median
+of timed runs, each run synchronised, the garbage collector paused, nothing
+printed inside a timed region, every path timed alone one after the other.
+A shared machine still perturbs wall-clock time, so each timing also records
+the CPU time the process got (`on_cpu_ms_per_image`, `cpu_share`): a share
+well below 1 says the milliseconds are inflated by other load, not the model.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import platform
+import statistics
+import tempfile
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from pipeline.errors import CxrError
+from pipeline.params import LatencyParams
+from train.checkpoint import load_checkpoint
+from train.models import ScreeningNet, inference_param_count
+
+CPU_PATHS = ("eager", "onnxruntime", "compile")
+# A faster path only counts if it computes the same thing: logits within 1e-4
+# of eager PyTorch fp32 (the issue's bound), measured relative to the logits'
+# scale once they exceed 1: an untrained InceptionV3 emits logits ~1e11, where
+# float32 itself cannot resolve 1e-4.
+MAX_DIFF = 1e-4
+PROBE_SIZE = 2048  # fp32 matmul probe: 17 GFLOP, large enough to reach the BLAS peak
+PROBE_CONV = (256, 56)  # 3x3 conv probe, channels and side: a ResNet stage-2 layer, 3.7 GFLOP
+
+
+def cpu_model_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def allocator_name() -> str:
+    """tcmalloc/jemalloc when preloaded: glibc malloc halves batched CPU throughput here."""
+    try:
+        maps = Path("/proc/self/maps").read_text()
+    except OSError:
+        return "unknown"
+    for name in ("tcmalloc", "jemalloc"):
+        if name in maps:
+            return name
+    return "system"
+
+
+def available_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+@dataclass(frozen=True)
+class Timing:
+    median_s: float  # wall clock: what a user waits
+    # CPU time per run / threads: ~median_s on an idle machine and a better
+    # estimate of it on a busy one (with one thread; with more, spinning counts).
+    on_cpu_s: float
+    # on_cpu_s x runs / wall time: ~1 idle; well below 1 means other processes
+    # took the cores and the wall-clock median is inflated (multi-threaded eager
+    # PyTorch most: each op waits at a barrier for a descheduled thread).
+    cpu_share: float
+
+
+def time_runs(fn: Callable[[], Any], warmup: int, runs: int, threads: int) -> Timing:
+    for _ in range(warmup):
+        fn()
+    times = []
+    gc_was_enabled = gc.isenabled()
+    gc.disable()  # a collection inside a timed run would be charged to the model
+    cpu_start, wall_start = time.process_time(), time.perf_counter()
+    try:
+        for _ in range(runs):
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+    finally:
+        if gc_was_enabled:
+            gc.enable()
+    cpu = (time.process_time() - cpu_start) / threads
+    wall = max(time.perf_counter() - wall_start, 1e-9)
+    return Timing(statistics.median(times), cpu / runs, cpu / wall)
+
+
+def count_flops(model: torch.nn.Module, x: torch.Tensor) -> int:
+    """FLOPs of one forward (2 per multiply-add; convolutions and matmuls only)."""
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(x)
+    return int(counter.get_total_flops())
+
+
+def _probes() -> dict[str, tuple[Callable[[], Any], int]]:
+    """fp32 kernels near the hardware's limit: a BLAS matmul and a oneDNN 3x3
+    convolution (on AVX-512 CPUs the convolution runs ~15% faster than the
+    matmul, so a matmul-only peak would put the floor too high)."""
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randn(PROBE_SIZE, PROBE_SIZE, generator=gen)
+    b = torch.randn(PROBE_SIZE, PROBE_SIZE, generator=gen)
+    out = torch.empty(PROBE_SIZE, PROBE_SIZE)
+    c, hw = PROBE_CONV
+    conv = torch.nn.Conv2d(c, c, 3, padding=1, bias=False).eval()
+    x = torch.randn(1, c, hw, hw, generator=gen)
+
+    def run_conv():
+        with torch.inference_mode():
+            conv(x)
+
+    return {
+        f"matmul_{PROBE_SIZE}": (lambda: torch.mm(a, b, out=out), 2 * PROBE_SIZE**3),
+        f"conv3x3_{c}x{hw}x{hw}": (run_conv, 2 * c * c * 9 * hw * hw),
+    }
+
+
+def peak_gflops(runs: int, threads: int) -> dict[str, Any]:
+    """This machine's attainable fp32 rate with `threads` threads: the best probe.
+
+    Each probe is rated by the clock (best of `runs`) and by the CPU time the
+    process actually got, which other load on the machine cannot lower; on an
+    idle machine the two agree. The floor uses the highest rate seen.
+    """
+    out: dict[str, Any] = {}
+    for name, (fn, flops) in _probes().items():
+        timings = [time_runs(fn, warmup=1, runs=1, threads=threads) for _ in range(runs)]
+        out[name] = {
+            "gflops_wall": flops / min(t.median_s for t in timings) / 1e9,
+            "gflops_on_cpu": flops / min(t.on_cpu_s for t in timings) / 1e9,
+            "cpu_share": min(t.cpu_share for t in timings),
+        }
+    out["peak"] = max(max(v["gflops_wall"], v["gflops_on_cpu"]) for v in out.values())
+    return out
+
+
+def _path_result(
+    fn: Callable[[torch.Tensor], np.ndarray], x1: torch.Tensor, xb: torch.Tensor, reference: np.ndarray,
+    params: LatencyParams,
+) -> dict[str, Any]:  # fmt: skip
+    diff = max(float(np.abs(fn(x1) - reference[:1]).max()), float(np.abs(fn(xb) - reference[1:]).max()))
+    scaled = diff / max(1.0, float(np.abs(reference).max()))
+    threads = torch.get_num_threads()
+    single = time_runs(lambda: fn(x1), params.warmup, params.runs, threads)
+    batch = time_runs(lambda: fn(xb), max(1, params.warmup // 2), max(3, params.runs // 4), threads)
+    return {
+        "ms_per_image": single.median_s * 1e3,
+        "on_cpu_ms_per_image": single.on_cpu_s * 1e3,
+        "images_per_s_batch": params.batch / batch.median_s,
+        "cpu_share": min(single.cpu_share, batch.cpu_share),
+        "max_abs_diff": diff,
+        "max_scaled_diff": scaled,
+        "correct": scaled <= MAX_DIFF,
+    }
+
+
+def _eager_fn(model: torch.nn.Module) -> Callable[[torch.Tensor], np.ndarray]:
+    def run(x):
+        with torch.inference_mode():
+            return model(x).numpy()
+
+    return run
+
+
+def _onnxruntime_fn(model: torch.nn.Module, x1: torch.Tensor, threads: int, workdir: Path):
+    import onnxruntime as ort
+
+    path = workdir / "model.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # tracer warnings about the input-size branch, which is fixed per model
+        # The TorchScript exporter: the dynamo one works too but is slower and
+        # prints its progress; the graph (upsampling included) is the same.
+        torch.onnx.export(
+            model,
+            (x1,),
+            str(path),
+            dynamo=False,
+            input_names=["image"],
+            output_names=["logit"],
+            dynamic_axes={"image": {0: "batch"}, "logit": {0: "batch"}},
+            opset_version=17,
+        )
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+    def run(x):
+        return session.run(None, {"image": x.numpy()})[0]
+
+    return run
+
+
+def _compile_fn(model: torch.nn.Module) -> Callable[[torch.Tensor], np.ndarray]:
+    import torch._inductor.config as inductor_config
+
+    compiled = torch.compile(model, dynamic=False)
+
+    def run(x):
+        # Freezing folds the weights into the graph as constants so Inductor can
+        # pre-pack them for oneDNN: the setting that makes CPU inference fast.
+        # Compilation happens at the first call, hence the patch around calls.
+        with inductor_config.patch(freezing=True), torch.inference_mode():
+            return compiled(x).numpy()
+
+    return run
+
+
+def cpu_paths(model: ScreeningNet, input_size: int, params: LatencyParams, paths: tuple[str, ...]) -> dict[str, Any]:
+    unknown = [p for p in paths if p not in CPU_PATHS]
+    if unknown or "eager" not in paths:
+        raise CxrError(f"latency paths must include eager and come from {', '.join(CPU_PATHS)}; got {list(paths)}")
+    threads = torch.get_num_threads()
+    gen = torch.Generator().manual_seed(0)
+    x1 = torch.rand(1, 1, input_size, input_size, generator=gen)
+    xb = torch.rand(params.batch, 1, input_size, input_size, generator=gen)
+    eager = _eager_fn(model)
+    reference = np.concatenate([eager(x1), eager(xb)])
+    results: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory(prefix="cxr-latency-") as tmp:
+        builders = {
+            "eager": lambda: eager,
+            "onnxruntime": lambda: _onnxruntime_fn(model, x1, threads, Path(tmp)),
+            "compile": lambda: _compile_fn(model),  # static shapes: batch 1 and batch N compile separately
+        }
+        for name in paths:
+            try:
+                results[name] = _path_result(builders[name](), x1, xb, reference, params)
+            except Exception as exc:  # an optional backend failing must not hide the eager numbers
+                if name == "eager":
+                    raise
+                results[name] = {"error": f"{type(exc).__name__}: {str(exc)[:300]}"}
+    return results
+
+
+def cuda_timing(model: ScreeningNet, input_size: int, params: LatencyParams) -> dict[str, Any]:
+    if not torch.cuda.is_available():
+        return {
+            "gpu_ms_per_image": None,
+            "gpu_images_per_s_batch": None,
+            "gpu_note": "CUDA not available on this machine",
+        }
+    device = torch.device("cuda")
+    torch.backends.cudnn.benchmark = True
+    gpu_model = model.to(device)
+    x1 = torch.rand(1, 1, input_size, input_size, device=device)
+    xb = torch.rand(params.batch, 1, input_size, input_size, device=device)
+
+    def run(x):
+        with torch.inference_mode():
+            gpu_model(x)
+        torch.cuda.synchronize()  # kernels are asynchronous: time their completion, not their launch
+
+    single = time_runs(lambda: run(x1), params.warmup, params.runs, threads=1)
+    batch = time_runs(lambda: run(xb), max(1, params.warmup // 2), max(3, params.runs // 4), threads=1)
+    model.to("cpu")
+    return {
+        "gpu_ms_per_image": single.median_s * 1e3,
+        "gpu_images_per_s_batch": params.batch / batch.median_s,
+        "gpu_name": torch.cuda.get_device_name(device),
+        "gpu_precision": "fp32",
+    }
+
+
+def measure_latency(
+    model: ScreeningNet, input_size: int, params: LatencyParams, paths: tuple[str, ...] = ("eager", "onnxruntime")
+) -> dict[str, Any]:
+    """All latency figures for one model; `paths` are the CPU paths to time next to eager."""
+    if params.warmup < 0 or params.runs < 1 or params.batch < 1 or params.threads < 0:
+        raise CxrError("latency params: warmup >= 0, runs >= 1, batch >= 1, threads >= 0 (0 = all cores)")
+    threads = params.threads or available_cores()
+    torch.set_num_threads(threads)
+    model = model.eval().to("cpu")
+    load_before = os.getloadavg() if hasattr(os, "getloadavg") else None
+
+    flops = count_flops(model, torch.zeros(1, 1, input_size, input_size))
+    probe = peak_gflops(runs=5, threads=threads)
+    peak = probe.pop("peak")
+    floor_ms = flops / (peak * 1e9) * 1e3
+    paths_out = cpu_paths(model, input_size, params, paths)
+    for entry in paths_out.values():
+        if "ms_per_image" in entry:
+            entry["ratio_to_floor"] = entry["ms_per_image"] / floor_ms
+    correct = {k: v for k, v in paths_out.items() if v.get("correct")}
+    fastest = min(correct, key=lambda k: correct[k]["ms_per_image"])
+    eager = paths_out["eager"]
+    return {
+        "model": model.name,
+        "input_size": input_size,
+        "network_input": model.network_input,
+        "params_m": inference_param_count(model) / 1e6,
+        "cpu_ms_per_image": eager["ms_per_image"],
+        "cpu_images_per_s_batch": eager["images_per_s_batch"],
+        "batch": params.batch,
+        "cpu_threads": threads,
+        "cpu_fastest_path": fastest,
+        "cpu_fastest_ms_per_image": correct[fastest]["ms_per_image"],
+        "cpu_fastest_ratio_to_floor": correct[fastest]["ratio_to_floor"],
+        "cpu_paths": paths_out,
+        "gflops": flops / 1e9,
+        "peak_gflops_fp32": peak,
+        "peak_probes": probe,
+        "floor_ms": floor_ms,
+        "cpu_ratio_to_floor": eager["ms_per_image"] / floor_ms,
+        **cuda_timing(model, input_size, params),
+        "cpu_model": cpu_model_name(),
+        "cpu_cores_available": available_cores(),
+        "allocator": allocator_name(),
+        "load_average_before": list(load_before) if load_before else None,
+        # below ~0.8 the machine was busy while timing: treat the milliseconds as upper bounds
+        "cpu_share_min": min(v["cpu_share"] for v in paths_out.values() if "cpu_share" in v),
+        "torch_version": torch.__version__,
+        "warmup": params.warmup,
+        "runs": params.runs,
+        "precision": "fp32",
+    }
+
+
+def latency_for_checkpoint(checkpoint_path: Path, params: LatencyParams, paths: tuple[str, ...]) -> dict[str, Any]:
+    """Latency of the network a checkpoint describes (its weights do not change the cost)."""
+    ckpt = load_checkpoint(checkpoint_path)
+    report = measure_latency(ckpt.build(), ckpt.input_size, params, paths)
+    report["variant"] = ckpt.variant
+    report["checkpoint_sha256"] = ckpt.file_sha256()
+    return report

@@ -1,0 +1,259 @@
+"""Screen new images: files, folders and globs (PNG, JPEG, TIFF, DICOM) -> a CSV of decisions.
+
+Everything that defines the model's behaviour comes from the model artifact,
+never from flags: architecture, variant, preprocessing (the shard stage's own
+`preprocess_bytes` / `preprocess_array`) and the operating threshold the
+trainer chose on validation. With `onnx_path` they come from the metadata that
+`cxr export` stored in the .onnx file (see train/export.py).
+
+An input that cannot be read gets a row with its reason and the run goes on;
+the caller turns `PredictSummary.failed` into the exit code.
+"""
+
+from __future__ import annotations
+
+import csv
+import glob
+import hashlib
+import os
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from pipeline.dicom import DICOM_SUFFIXES, looks_like_dicom, read_dicom
+from pipeline.errors import CxrError
+from pipeline.preprocess import PreprocessConfig, preprocess_array, preprocess_bytes
+from pipeline.shard_format import CLASS_NAMES
+from train.checkpoint import load_checkpoint
+from train.gradcam import gradcam_heatmaps, write_overlay
+from train.metrics import predict_labels
+
+CSV_COLUMNS = ("path", "probability", "decision", "threshold", "model", "error")
+IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".tif", ".tiff", *DICOM_SUFFIXES})
+_GLOB_CHARS = frozenset("*?[")
+
+
+@dataclass(frozen=True)
+class PredictSummary:
+    total: int
+    positive: int
+    negative: int
+    failed: int
+    model: str
+    threshold: float
+    device: str
+
+    def line(self) -> str:
+        return (
+            f"{self.total} input(s): {self.positive} positive, {self.negative} negative, {self.failed} failed "
+            f"(model {self.model}, threshold {self.threshold:.4g}, {self.device})"
+        )
+
+
+def collect_inputs(args: Sequence[str]) -> tuple[list[Path], list[tuple[str, str]]]:
+    """Expand files, folders (recursive) and glob patterns into a sorted list of files.
+
+    Named files and glob matches are always tried (a wrong one gets an error
+    row); inside folders only image suffixes, or DICOM's magic for files named
+    otherwise, are taken, and hidden entries are skipped. Returns (files,
+    [(argument, reason)] for arguments that matched nothing).
+    """
+    files: set[Path] = set()
+    unmatched: list[tuple[str, str]] = []
+    for arg in args:
+        path = Path(arg)
+        if path.is_dir():
+            found = list(_images_under(path))
+            if not found:
+                unmatched.append((arg, "folder contains no images"))
+            files.update(found)
+        elif path.exists():
+            files.add(path)
+        elif _GLOB_CHARS & set(arg):
+            matches = map(Path, glob.glob(arg, recursive=True))
+            found = [f for m in matches for f in (_images_under(m) if m.is_dir() else [m])]
+            if not found:
+                unmatched.append((arg, "pattern matched no images"))
+            files.update(found)
+        else:
+            unmatched.append((arg, "no such file or directory"))
+    return sorted(files, key=str), unmatched
+
+
+def _images_under(folder: Path) -> Iterator[Path]:
+    for root, dirs, names in os.walk(folder):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for name in names:
+            path = Path(root) / name
+            if not name.startswith(".") and (path.suffix.lower() in IMAGE_SUFFIXES or _has_dicom_magic(path)):
+                yield path
+
+
+def _has_dicom_magic(path: Path) -> bool:
+    try:
+        with open(path, "rb") as fh:
+            return looks_like_dicom(path, fh.read(132))
+    except OSError:
+        return False
+
+
+def load_image(path: Path, cfg: PreprocessConfig) -> np.ndarray:
+    """One input file -> the model's uint8 (size, size) input, by the shard stage's functions."""
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise CxrError(f"cannot read file: {exc.strerror or exc}") from None
+    if looks_like_dicom(path, data[:132]):
+        return preprocess_array(read_dicom(data, cfg.limits), cfg)
+    return preprocess_bytes(data, cfg)
+
+
+def _load_or_reason(path: Path, cfg: PreprocessConfig) -> np.ndarray | str:
+    try:
+        return load_image(path, cfg)
+    except CxrError as exc:
+        return str(exc)
+    except Exception as exc:  # a decoder bug on one hostile file must not end a 10 000-image run; it is recorded
+        return f"unexpected {type(exc).__name__} while reading: {exc}"
+
+
+def heatmap_name(path: Path) -> str:
+    """Input's stem + a hash of its full path: readable, and unique when basenames repeat."""
+    digest = hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:10]
+    return f"{path.stem}-{digest}.png"
+
+
+@dataclass
+class _Model:
+    meta: dict[str, Any]
+    identity: str
+    probabilities: Callable[[np.ndarray], np.ndarray]  # uint8 (B, H, W) -> float64 (B,)
+    cam_model: torch.nn.Module | None  # for Grad-CAM; None when no heatmaps are asked for
+    device: str
+
+
+def _torch_probabilities(model: torch.nn.Module, device: torch.device) -> Callable[[np.ndarray], np.ndarray]:
+    def run(images: np.ndarray) -> np.ndarray:
+        # Same input path as evaluation: uint8 -> float / 255 on the device.
+        x = torch.from_numpy(images[:, None]).to(device).float().div_(255.0)
+        with torch.inference_mode():
+            return torch.sigmoid(model(x).float()).cpu().numpy().astype(np.float64)
+
+    return run
+
+
+def _open_model(checkpoint: Path, onnx_path: Path | None, heatmaps: bool, device: torch.device) -> _Model:
+    if onnx_path is None:
+        ckpt = load_checkpoint(checkpoint)
+        model = ckpt.build().to(device)
+        identity = f"{ckpt.model_name}/{ckpt.variant}@{ckpt.file_sha256()[:12]}"
+        cam_model = model if heatmaps else None
+        return _Model(ckpt.meta, identity, _torch_probabilities(model, device), cam_model, str(device))
+
+    from train.export import onnx_meta, onnx_probabilities, onnx_session
+
+    session = onnx_session(onnx_path)
+    meta = onnx_meta(session, onnx_path)
+    sha = meta["checkpoint_sha256"]
+    cam_model = None
+    if heatmaps:  # Grad-CAM needs gradients, hence the PyTorch weights -- the very ones exported
+        ckpt = load_checkpoint(checkpoint)
+        if ckpt.file_sha256() != sha:
+            raise CxrError(
+                f"{onnx_path} was exported from checkpoint sha256 {sha[:12]}, but {checkpoint} is "
+                f"{ckpt.file_sha256()[:12]}; heatmaps must come from the same weights"
+            )
+        cam_model = ckpt.build().to(device)
+    identity = f"{meta['model']}/{meta['variant']}@{sha[:12]}+onnx"
+    provider = session.get_providers()[0].replace("ExecutionProvider", "").lower()
+    return _Model(meta, identity, partial(onnx_probabilities, session), cam_model, f"onnxruntime-{provider}")
+
+
+def predict(
+    inputs: Sequence[str],
+    *,
+    checkpoint: Path,
+    out_csv: Path,
+    onnx_path: Path | None = None,
+    heatmaps_dir: Path | None = None,
+    batch_size: int,
+    workers: int,
+    device: torch.device,
+    progress: bool = True,
+) -> PredictSummary:
+    """Score `inputs` and write `out_csv` (columns CSV_COLUMNS) and, optionally, one overlay PNG per image."""
+    if batch_size < 1:
+        raise CxrError(f"batch size must be >= 1, got {batch_size}")
+    files, unmatched = collect_inputs(inputs)
+    if not files and not unmatched:
+        raise CxrError("no inputs given")
+    model = _open_model(checkpoint, onnx_path, heatmaps_dir is not None, device)
+    cfg = PreprocessConfig.from_dict(model.meta["preprocess"])
+    if cfg.size != int(model.meta["input_size"]):
+        raise CxrError(
+            f"model meta is inconsistent: preprocess size {cfg.size} != input_size {model.meta['input_size']}"
+        )
+    threshold = float(model.meta["threshold"]["value"])
+
+    def row(path: str, probability: float | None = None, error: str = "") -> dict[str, Any]:
+        decided = probability is not None
+        return {
+            "path": path,
+            "probability": repr(probability) if decided else "",  # repr: exact, so CSV decisions re-check exactly
+            "decision": CLASS_NAMES[int(predict_labels(np.array([probability]), threshold)[0])] if decided else "",
+            "threshold": repr(threshold),
+            "model": model.identity,
+            "error": error,
+        }
+
+    rows = [row(arg, error=reason) for arg, reason in unmatched]
+    out_csv.parent.mkdir(parents=True, exist_ok=True)
+    with ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 1) as pool, tqdm(
+        total=len(files), unit="img", desc="predict", disable=not progress
+    ) as bar:
+        # Decoding releases the GIL (OpenCV, Pillow, numpy), so threads overlap it.
+        for start in range(0, len(files), batch_size):
+            chunk = files[start : start + batch_size]
+            loaded = list(pool.map(lambda p: _load_or_reason(p, cfg), chunk))
+            ok = [(path, img) for path, img in zip(chunk, loaded) if not isinstance(img, str)]
+            probs = model.probabilities(np.stack([img for _, img in ok])) if ok else np.empty(0)
+            by_path = {path: float(p) for (path, _), p in zip(ok, probs)}
+            rows += [row(str(p), by_path.get(p), "" if p in by_path else img) for p, img in zip(chunk, loaded)]
+            if heatmaps_dir is not None and ok:
+                _write_heatmaps(model.cam_model, ok, heatmaps_dir, device)
+            bar.update(len(chunk))
+    _write_csv(out_csv, rows)
+    decided = [r for r in rows if not r["error"]]
+    positives = sum(r["decision"] == CLASS_NAMES[1] for r in decided)
+    return PredictSummary(
+        total=len(rows),
+        positive=positives,
+        negative=len(decided) - positives,
+        failed=len(rows) - len(decided),
+        model=model.identity,
+        threshold=threshold,
+        device=model.device,
+    )
+
+
+def _write_heatmaps(model: torch.nn.Module, ok: list[tuple[Path, np.ndarray]], out_dir: Path, device: torch.device):
+    images = np.stack([img for _, img in ok])
+    x = torch.from_numpy(images[:, None]).to(device).float().div_(255.0)
+    for (path, img), heatmap in zip(ok, gradcam_heatmaps(model, x)):
+        write_overlay(out_dir / heatmap_name(path), img, heatmap)
+
+
+def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=CSV_COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
+    os.replace(tmp, path)
