@@ -190,6 +190,8 @@ def train(
     with the operating threshold chosen on validation), OUT/last.pt (every epoch; a rerun with the same
     params and data resumes from it), LIVE/metrics.json and LIVE/plots/. Multi-process:
     `torchrun --nproc_per_node N -m pipeline.cli train` (DDP; NCCL on GPUs, gloo on CPU).
+    On CPU, LD_PRELOAD=/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4 (Debian libtcmalloc-minimal4)
+    avoids glibc malloc's page-fault stalls on large batches; it is not preloaded automatically.
     """
     from train.trainer import train_model
 
@@ -375,13 +377,14 @@ def report(
 
     if runs is not None and exp_json is not None:
         raise CxrError("pass either --runs or --exp-json, not both")
+    skipped: list[str] = []
     if runs is not None:
         found = runs_from_dir(runs)
     else:
         data = json.loads(exp_json.read_text()) if exp_json is not None else exp_show_json(Path.cwd())
-        found = runs_from_exp_show(data, eval_file, latency_file)
-    write_report(found, out, load_published(), at)
-    _echo_json({"out": str(out), "runs": [f"{r.label}: {r.model}/{r.variant}" for r in found]})
+        found, skipped = runs_from_exp_show(data, eval_file, latency_file)
+    write_report(found, out, load_published(), at, skipped)
+    _echo_json({"out": str(out), "runs": [f"{r.label}: {r.model}/{r.variant}" for r in found], "skipped": skipped})
 
 
 # ---- commands: predict, export (owner: train/predict.py, train/export.py) ----

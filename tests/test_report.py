@@ -130,14 +130,28 @@ EXP_SHOW = [
 
 
 def test_runs_from_exp_show_dedupes_workspace_and_skips_errors():
-    runs = rep.runs_from_exp_show(EXP_SHOW, "metrics/eval.json", "metrics/latency.json")
+    runs, skipped = rep.runs_from_exp_show(EXP_SHOW, "metrics/eval.json", "metrics/latency.json")
     assert [(r.label, r.model, r.variant) for r in runs] == [
         ("minim-expo", "densenet121", "equalized"),
         ("master", "resnet50", "plain"),
     ]
+    assert skipped == ["failed-one: failed"]
     assert runs[0].rev.startswith("b0facb4") and runs[0].latency == {"params_m": 6.96}
     text = rep.render(runs, rep.load_published(), at="operating")
     assert "`minim-expo` (commit b0facb4)" in text and "`master` (commit 92f0ac1)" in text
+
+
+def test_unreadable_metrics_are_reported_not_silently_dropped(tmp_path):
+    """`cache: false` metrics in a git-ignored folder: what dvc 3.67 shows for every commit and experiment."""
+    missing = {"error": {"type": "FileNotFoundError", "msg": "[Errno 2] No such file or directory: 'metrics/eval.json'"}}
+    data = [{"rev": "827401f" + "0" * 33, "name": "main", "error": None, "experiments": None,
+             "data": {"params": {}, "metrics": {"metrics/eval.json": missing}}}]  # fmt: skip
+    runs, skipped = rep.runs_from_exp_show(data, "metrics/eval.json", "metrics/latency.json")
+    assert runs == [] and "No such file" in skipped[0]
+    saved = tmp_path / "exp.json"
+    saved.write_text(json.dumps(data))
+    result = CliRunner().invoke(app, ["report", "--exp-json", str(saved), "--out", str(tmp_path / "t.md")])
+    assert result.exit_code == 1 and "main: metrics/eval.json: [Errno 2]" in result.output
 
 
 def test_report_cli_from_saved_exp_json_and_no_runs_error(tmp_path):

@@ -64,12 +64,15 @@ def _make_run(label: str, rev: str | None, ev: dict, lat: dict, params: dict) ->
     return Run(label, rev, model, variant, ev, lat)
 
 
-def runs_from_exp_show(data: list[dict], eval_name: str, latency_name: str) -> list[Run]:
+def runs_from_exp_show(data: list[dict], eval_name: str, latency_name: str) -> tuple[list[Run], list[str]]:
     """Runs in `dvc exp show --json` output (dvc 3.x): experiments first, then commits, then the workspace.
 
-    DVC drops lists and nulls from metrics there (no `ci95`), which the tables
-    do not need. The workspace usually repeats the last experiment applied to
-    it, so runs with identical metrics are kept once, under the first name seen.
+    Returns the runs and, for entries skipped, why (a failed experiment, or a
+    metrics file DVC could not read: e.g. `cache: false` metrics under a
+    git-ignored folder never reach the experiment commits). DVC drops lists
+    and nulls from metrics there (no `ci95`), which the tables do not need.
+    The workspace usually repeats the last experiment applied to it, so runs
+    with identical metrics are kept once, under the first name seen.
     """
     found: list[tuple[int, str, str | None, dict]] = []
     for commit in data:
@@ -81,14 +84,18 @@ def runs_from_exp_show(data: list[dict], eval_name: str, latency_name: str) -> l
             for exp_rev in exp.get("revs") or []:
                 label = exp_rev.get("name") or exp.get("name") or exp_rev.get("rev", "")[:7]
                 found.append((0, label, exp_rev.get("rev"), exp_rev))
-    runs, seen = [], set()
+    runs, skipped, seen = [], [], set()
     for _, label, rev, entry in sorted(found, key=lambda f: f[0]):
         if entry.get("error") or not entry.get("data"):
+            skipped.append(f"{label}: {get(entry, 'error.msg') or 'no data'}")
             continue
         files = entry["data"].get("metrics") or {}
         ev = (files.get(eval_name) or {}).get("data")
         lat = (files.get(latency_name) or {}).get("data")
         if not ev and not lat:
+            errors = [f"{name}: {get(files.get(name), 'error.msg')}" for name in (eval_name, latency_name)
+                      if get(files.get(name), "error.msg")]  # fmt: skip
+            skipped.append(f"{label}: " + ("; ".join(errors) or f"no {eval_name} or {latency_name}"))
             continue
         params = ((entry["data"].get("params") or {}).get("params.yaml") or {}).get("data") or {}
         signature = json.dumps([ev, lat], sort_keys=True)
@@ -96,7 +103,7 @@ def runs_from_exp_show(data: list[dict], eval_name: str, latency_name: str) -> l
             continue
         seen.add(signature)
         runs.append(_make_run(label, rev, ev or {}, lat or {}, params or {}))
-    return runs
+    return runs, skipped
 
 
 def exp_show_json(repo: Path) -> list[dict]:
@@ -324,9 +331,12 @@ def render(runs: list[Run], published: dict[str, Any], at: str = "0.5") -> str:
     return "\n".join(parts)
 
 
-def write_report(runs: list[Run], out: Path, published: dict[str, Any], at: str) -> str:
+def write_report(runs: list[Run], out: Path, published: dict[str, Any], at: str, skipped: list[str] = ()) -> str:
     if not runs:
-        raise CxrError("no runs with metrics found: run `dvc exp run` (or pass --runs DIR with eval.json/latency.json)")
+        why = f" Skipped: {'; '.join(skipped[:3])}" if skipped else ""
+        raise CxrError(
+            "no runs with metrics found: run `dvc exp run` (or pass --runs DIR with eval.json/latency.json)." + why
+        )
     text = render(runs, published, at)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text)
