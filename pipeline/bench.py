@@ -11,7 +11,6 @@ import io
 import os
 import tempfile
 import time
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +20,7 @@ from pipeline.imageio import ImageRejected, decode_grey
 from pipeline.manifest import build_manifest, read_manifest
 from pipeline.params import PreprocessParams, ShardParams
 from pipeline.preprocess import PreprocessConfig
-from pipeline.shards import init_worker, write_variant
+from pipeline.shards import process_pool, write_variant
 
 
 def naive_pil(path: str, cfg: PreprocessConfig) -> bytes:
@@ -77,7 +76,7 @@ def run_preprocess_benchmark(
             )
 
         def floor() -> None:
-            with ProcessPoolExecutor(max_workers=workers, initializer=init_worker) as pool:
+            with process_pool(workers) as pool:
                 list(pool.map(decode_only, [(p, cfg) for p in paths], chunksize=4))
 
         def naive() -> None:

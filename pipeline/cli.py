@@ -254,7 +254,8 @@ def _external_items(root: Path) -> tuple[list[dict], list[dict]]:
     items, seen = [], set()
     for line in lines:
         if line.filename in seen:
-            rejects.append({"line": line.line_no, "filename": line.filename, "reason": "duplicate filename in test.txt"})
+            reason = "duplicate filename in test.txt"
+            rejects.append({"line": line.line_no, "filename": line.filename, "reason": reason})
             continue
         seen.add(line.filename)
         items.append(
@@ -285,10 +286,12 @@ def evaluate(
     ] = None,
     out: Annotated[Path, typer.Option(help="Metrics JSON to write")] = Path("metrics/eval.json"),
     predictions: Annotated[
-        Optional[Path], typer.Option(help="Per-image CSV to write (default: metrics/predictions_test.csv; with --root none)")
+        Optional[Path],
+        typer.Option(help="Per-image CSV to write (default: metrics/predictions_test.csv; with --root none)"),
     ] = None,
     plots: Annotated[
-        Optional[Path], typer.Option(help="Directory for roc.json, pr.json, confusion.csv (default: metrics/plots; with --root none)")
+        Optional[Path],
+        typer.Option(help="Directory for roc.json, pr.json, confusion.csv (default: metrics/plots; with --root none)"),
     ] = None,
     params: ParamsOpt = Path("params.yaml"),
 ) -> None:
@@ -364,9 +367,11 @@ def report(
         Optional[Path], typer.Option(help="Directory with one sub-directory per run holding eval.json/latency.json")
     ] = None,
     exp_json: Annotated[Optional[Path], typer.Option(help="Saved `dvc exp show --json` output to read")] = None,
-    eval_file: Annotated[str, typer.Option(help="Evaluate metrics file name in the experiments")] = "metrics/eval.json",
-    latency_file: Annotated[str, typer.Option(help="Latency metrics file name in the experiments")] = "metrics/latency.json",
-    at: Annotated[str, typer.Option(help="Threshold for Tables II-IV, VI: '0.5' (the study's rule) or 'operating'")] = "0.5",
+    eval_file: Annotated[str, typer.Option(help="Evaluate metrics file in the experiments")] = "metrics/eval.json",
+    latency_file: Annotated[str, typer.Option(help="Latency metrics file in the experiments")] = "metrics/latency.json",
+    at: Annotated[
+        str, typer.Option(help="Threshold for Tables II-IV and VI: '0.5' (the study's rule) or 'operating'")
+    ] = "0.5",
 ) -> None:
     """Rebuild the study's Tables II-VII from our experiments, beside the published figures.
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import multiprocessing
 import os
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
@@ -83,11 +84,23 @@ def shuffled_order(entries: list[ManifestEntry], seed: int) -> list[ManifestEntr
     return ordered
 
 
+def process_pool(workers: int) -> ProcessPoolExecutor:
+    """A pool whose workers never inherit a forked copy of torch/OpenMP thread state.
+
+    Plain fork() after torch has started its thread pools can deadlock a child
+    on a lock held by a thread that no longer exists; forkserver children come
+    from a clean, single-threaded server that has preloaded this module.
+    """
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(["pipeline.shards"])
+    return ProcessPoolExecutor(max_workers=workers, initializer=init_worker, mp_context=ctx)
+
+
 def _results(tasks: list[_Task], workers: int) -> Iterator[_Result]:
     if workers <= 1:
         yield from map(process_one, tasks)
         return
-    with ProcessPoolExecutor(max_workers=workers, initializer=init_worker) as pool:
+    with process_pool(workers) as pool:
         yield from pool.map(process_one, tasks, chunksize=4)
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -331,7 +332,9 @@ def render(runs: list[Run], published: dict[str, Any], at: str = "0.5") -> str:
     return "\n".join(parts)
 
 
-def write_report(runs: list[Run], out: Path, published: dict[str, Any], at: str, skipped: list[str] = ()) -> str:
+def write_report(
+    runs: list[Run], out: Path, published: dict[str, Any], at: str, skipped: Sequence[str] = ()
+) -> str:
     if not runs:
         why = f" Skipped: {'; '.join(skipped[:3])}" if skipped else ""
         raise CxrError(
