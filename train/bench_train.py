@@ -26,6 +26,7 @@ from torch.utils.data import DataLoader
 from pipeline.params import Params
 from pipeline.shard_format import CLASS_NAMES, ShardSummary, read_summary
 from train.data import train_batches
+from train.latency import cpu_model_name
 from train.loop import train_one_epoch, weighted_bce
 from train.models import build_model, model_spec
 from train.runtime import Runtime, start_runtime
@@ -128,7 +129,7 @@ def run_train_benchmark(
 
     result: dict[str, Any] = {
         "model": model_name, "batch_size": tp.batch_size, "num_workers": tp.num_workers, "steps": steps,
-        "warmup": warmup, "threads": torch.get_num_threads(), "cpu": _cpu_name(),
+        "warmup": warmup, "threads": torch.get_num_threads(), "cpu": cpu_model_name(),
         "streaming_precision": rt.describe(), "tcmalloc_preloaded": "tcmalloc" in os.environ.get("LD_PRELOAD", ""),
         "shards": str(shard_dir), "train_samples": summary.split("train").count,
     }
@@ -156,13 +157,3 @@ def run_train_benchmark(
     result["speedup_vs_naive"] = stream / base
     result["loader_headroom"] = result["loader_only_images_per_s"]["shards"] / stream
     return result
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "unknown"
