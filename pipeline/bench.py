@@ -1,8 +1,11 @@
 """Benchmark for the shard stage: the real stage vs a naive baseline and a decode-only floor.
 
 All three run in one process on the same files, so their ratios hold on any
-machine. Best of `repeat` passes is kept for each (the first pass also warms
-the page cache for the others).
+machine. They run interleaved, `repeat` rounds of pipeline, floor, naive, and
+the fastest pass of each is kept: on a shared host the speed of the second
+core drifts by tens of percent within a minute, and interleaving makes all
+three see the same drift. A warm-up pass first fills the page cache and starts
+the pool's forkserver.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from pipeline.imageio import ImageRejected, decode_grey
 from pipeline.manifest import build_manifest, read_manifest
 from pipeline.params import PreprocessParams, ShardParams
 from pipeline.preprocess import PreprocessConfig
-from pipeline.shards import process_pool, write_variant
+from pipeline.shard_worker import process_pool
 
 
 def naive_pil(path: str, cfg: PreprocessConfig) -> bytes:
@@ -49,18 +52,19 @@ def decode_only(args: tuple[str, PreprocessConfig]) -> int:
         return 0
 
 
-def _best_rate(fn, n: int, repeat: int) -> float:
-    best = float("inf")
-    for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
-    return n / best
+def _seconds(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
 
 
 def run_preprocess_benchmark(
-    root: Path, preprocess: PreprocessParams, shard: ShardParams, repeat: int = 2, variant: str = "equalized"
+    root: Path, preprocess: PreprocessParams, shard: ShardParams, repeat: int = 3, variant: str = "equalized"
 ) -> dict[str, Any]:
+    # Imported here, not at the top: pool workers import this module to find
+    # `decode_only`, and `shards` pulls in webdataset and with it torch.
+    from pipeline.shards import write_variant
+
     cfg = PreprocessConfig.for_variant(preprocess, variant)
     workers = shard.workers or os.cpu_count() or 1
     with tempfile.TemporaryDirectory(prefix="cxr-bench-") as tmp:
@@ -86,12 +90,16 @@ def run_preprocess_benchmark(
                 except OSError:
                     pass
 
-        pipeline_rate = _best_rate(pipeline, n, repeat)
-        floor_rate = _best_rate(floor, n, repeat)
-        naive_rate = _best_rate(naive, n, max(1, repeat - 1))
+        floor()  # warm-up: page cache, forkserver
+        best = {"pipeline": float("inf"), "floor": float("inf"), "naive": float("inf")}
+        for _ in range(repeat):
+            for name, fn in (("pipeline", pipeline), ("floor", floor), ("naive", naive)):
+                best[name] = min(best[name], _seconds(fn))
+        pipeline_rate, floor_rate, naive_rate = (n / best[k] for k in ("pipeline", "floor", "naive"))
     return {
         "images": n,
         "workers": workers,
+        "rounds": repeat,
         "variant": variant,
         "reduced_decode": cfg.reduced_decode,
         "naive_pil_single_process_images_per_s": round(naive_rate, 1),

@@ -155,7 +155,7 @@ def shard(
 @_fail_cleanly
 def bench_preprocess(
     root: Annotated[Path, typer.Option(help="COVIDx-layout dataset root to benchmark on")] = Path("../shared/covidx-mini"),
-    repeat: Annotated[int, typer.Option(help="Passes over the images per measurement (best is kept)")] = 2,
+    repeat: Annotated[int, typer.Option(help="Interleaved rounds of the three measurements (best is kept)")] = 3,
     params: ParamsOpt = Path("params.yaml"),
 ) -> None:
     """Benchmark: pipeline preprocessing vs a naive single-process PIL baseline and a decode-only floor.

@@ -104,11 +104,21 @@ def center_square(img: np.ndarray) -> np.ndarray:
     return img[top : top + side, left : left + side]
 
 
+# Pillow first box-reduces by an integer factor while the image stays over
+# twice the target, then runs bicubic (its `thumbnail` default). A 2000-px PNG
+# resizes 5x faster; the 224x224 result is within 0.03 grey levels (mean
+# absolute) of a plain bicubic on covidx-mini, and a test holds it under 0.1.
+RESIZE_REDUCING_GAP = 2.0
+
+
 def resize_square(img: np.ndarray, size: int) -> np.ndarray:
     # Pillow's bicubic widens its kernel when downsampling (antialiasing, as in
     # torchvision's Resize); OpenCV's INTER_CUBIC does not and aliases badly
     # from 3000 px to 224.
-    return np.asarray(Image.fromarray(img).resize((size, size), Image.Resampling.BICUBIC))
+    resized = Image.fromarray(img).resize(
+        (size, size), Image.Resampling.BICUBIC, reducing_gap=RESIZE_REDUCING_GAP
+    )
+    return np.asarray(resized)
 
 
 def equalize(img: np.ndarray, method: str, clahe_clip: float) -> np.ndarray:

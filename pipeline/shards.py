@@ -10,70 +10,25 @@ from __future__ import annotations
 
 import hashlib
 import json
-import multiprocessing
 import os
 from collections import Counter
-from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
-import cv2
 import numpy as np
 import webdataset as wds
 from tqdm import tqdm
 
 from pipeline.errors import CxrError
-from pipeline.imageio import ImageRejected
 from pipeline.manifest import ManifestEntry, read_manifest
 from pipeline.params import PreprocessParams, ShardParams
-from pipeline.preprocess import PreprocessConfig, decode_and_preprocess
+from pipeline.preprocess import PreprocessConfig
+from pipeline.shard_worker import ShardResult, ShardTask, process_one, process_pool
 from pipeline.shard_format import CLASS_NAMES, SPLITS, SUMMARY_NAME, shard_name
 
 # Fixed tar metadata: with the default (current time) every run would produce
 # different bytes and DVC could never recognise an unchanged output.
 TAR_MTIME = 0
-# Level 1: a third of level 3's encode time for somewhat larger shards; encode was the
-# largest cost after decoding.
-PNG_PARAMS = [cv2.IMWRITE_PNG_COMPRESSION, 1]
-
-
-@dataclass(frozen=True)
-class _Task:
-    entry: ManifestEntry
-    path: str
-    cfg: PreprocessConfig
-
-
-@dataclass(frozen=True)
-class _Result:
-    entry: ManifestEntry
-    png: bytes | None
-    width: int = 0
-    height: int = 0
-    reason: str = ""
-
-
-def process_one(task: _Task) -> _Result:
-    """Read, verify, preprocess and PNG-encode one image; a reject carries its reason."""
-    try:
-        data = Path(task.path).read_bytes()
-    except OSError as exc:
-        return _Result(task.entry, None, reason=f"cannot read file: {exc.strerror or exc}")
-    if hashlib.sha256(data).hexdigest() != task.entry.sha256:
-        return _Result(task.entry, None, reason="file changed since ingest (sha256 mismatch): rerun ingest")
-    try:
-        header, image = decode_and_preprocess(data, task.cfg)
-    except ImageRejected as exc:
-        return _Result(task.entry, None, reason=str(exc))
-    ok, png = cv2.imencode(".png", image, PNG_PARAMS)
-    if not ok:  # pragma: no cover - encoding a valid uint8 array does not fail
-        return _Result(task.entry, None, reason="PNG encoding failed")
-    return _Result(task.entry, png.tobytes(), header.width, header.height)
-
-
-def init_worker() -> None:
-    cv2.setNumThreads(1)  # one image per process already fills the cores
 
 
 def shuffled_order(entries: list[ManifestEntry], seed: int) -> list[ManifestEntry]:
@@ -86,19 +41,7 @@ def shuffled_order(entries: list[ManifestEntry], seed: int) -> list[ManifestEntr
     return ordered
 
 
-def process_pool(workers: int) -> ProcessPoolExecutor:
-    """A pool whose workers never inherit a forked copy of torch/OpenMP thread state.
-
-    Plain fork() after torch has started its thread pools can deadlock a child
-    on a lock held by a thread that no longer exists; forkserver children come
-    from a clean, single-threaded server that has preloaded this module.
-    """
-    ctx = multiprocessing.get_context("forkserver")
-    ctx.set_forkserver_preload(["pipeline.shards"])
-    return ProcessPoolExecutor(max_workers=workers, initializer=init_worker, mp_context=ctx)
-
-
-def _results(tasks: list[_Task], workers: int) -> Iterator[_Result]:
+def _results(tasks: list[ShardTask], workers: int) -> Iterator[ShardResult]:
     if workers <= 1:
         yield from map(process_one, tasks)
         return
@@ -176,7 +119,7 @@ def write_variant(
         stale.unlink(missing_ok=True)  # our own previous outputs only
 
     ordered = shuffled_order(entries, seed)
-    tasks = [_Task(e, str(root / e.path), cfg) for e in ordered]
+    tasks = [ShardTask(e, str(root / e.path), cfg) for e in ordered]
     sinks = {split: _ShardSink(out_dir, split, shard.max_count, shard.max_bytes) for split in SPLITS}
     rejects = list(ingest.get("rejects", []))
     class_counts = {split: Counter() for split in SPLITS}

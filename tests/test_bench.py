@@ -1,0 +1,38 @@
+import dataclasses
+
+import cv2
+import numpy as np
+import pytest
+
+from pipeline.bench import naive_pil, run_preprocess_benchmark
+from pipeline.params import load_params
+from pipeline.preprocess import PreprocessConfig
+from pipeline.sample import generate_sample
+
+PARAMS = load_params("params.yaml")
+
+
+@pytest.fixture(scope="module")
+def sample_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bench") / "sample"
+    generate_sample(root, train_per_class=5, test_per_class=2, seed=7)
+    return root
+
+
+def test_naive_baseline_produces_the_same_kind_of_output(sample_root):
+    cfg = PreprocessConfig.for_variant(PARAMS.preprocess, "equalized")
+    largest = max((sample_root / "train").iterdir(), key=lambda p: p.stat().st_size)
+    png = cv2.imdecode(np.frombuffer(naive_pil(str(largest), cfg), np.uint8), cv2.IMREAD_UNCHANGED)
+    assert png.shape == (224, 224) and png.dtype == np.uint8
+
+
+@pytest.mark.slow
+def test_benchmark_reports_three_rates_over_every_image(sample_root):
+    lines = sum(len((sample_root / f"{s}.txt").read_text().splitlines()) for s in ("train", "test"))
+    shard = dataclasses.replace(PARAMS.shard, workers=2)
+    result = run_preprocess_benchmark(sample_root, PARAMS.preprocess, shard, repeat=1)
+    assert result["images"] == lines and result["workers"] == 2 and result["rounds"] == 1
+    rates = [result[k] for k in ("pipeline_images_per_s", "decode_only_images_per_s", "naive_pil_single_process_images_per_s")]
+    assert all(r > 0 for r in rates)
+    assert result["pipeline_vs_naive"] == pytest.approx(rates[0] / rates[2], abs=0.02)
+    assert result["pipeline_vs_decode_only"] == pytest.approx(rates[0] / rates[1], abs=0.02)
