@@ -17,7 +17,7 @@ from pipeline.manifest import build_manifest
 from pipeline.params import PreprocessParams, ShardParams, load_params
 from pipeline.preprocess import PreprocessConfig, preprocess_bytes
 from pipeline.shard_format import read_summary
-from pipeline.shards import write_variant
+from pipeline.shards import balanced_count, write_variant
 
 PARAMS = load_params("params.yaml")
 
@@ -123,6 +123,15 @@ def test_shards_mix_classes_and_respect_count_bound(tmp_path):
     _, samples = read_all(tmp_path / "out")
     first = [int(s["cls"]) for k, (split, s) in samples.items() if split == "train"][:5]
     assert set(first) == {0, 1}
+
+
+def test_shards_of_a_split_come_out_the_same_size(tmp_path):
+    assert balanced_count(217, 100) == 73 and balanced_count(200, 100) == 100 and balanced_count(7, 100) == 100
+    root = make_dataset(tmp_path / "ds", n=30)
+    summary = shard(root, tmp_path / "out", max_count=7)
+    for split in ("train", "val", "test"):
+        counts = [s["count"] for s in summary["splits"][split]["shards"]]
+        assert max(counts) - min(counts) <= 1 and max(counts) <= 7, (split, counts)
 
 
 def test_byte_identical_across_runs_and_worker_counts(tmp_path):

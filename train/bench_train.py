@@ -4,7 +4,7 @@ Streaming path (what `cxr train` runs): WebDataset shards decoded to uint8 in
 workers, one batched affine warp on the device, bf16 autocast +
 channels_last where the CPU has native bf16. Naive baseline: torchvision
 ImageFolder of the very same PNG bytes, per-image CPU RandomAffine in the
-workers, fp32 NCHW. Both use Adam and the weighted BCE. Each is warmed up
+workers, fp32 NCHW, torch's default (foreach) Adam. Both use the weighted BCE. Each is warmed up
 before timing; the loader-only rates and the fraction of step time spent
 waiting for data show whether the data path could ever be the bottleneck.
 """
@@ -23,11 +23,12 @@ import torch
 import webdataset as wds
 from torch.utils.data import DataLoader
 
+from pipeline.errors import CxrError
 from pipeline.params import Params
 from pipeline.shard_format import CLASS_NAMES, ShardSummary, read_summary
 from train.data import train_batches
 from train.latency import cpu_model_name
-from train.loop import train_one_epoch, weighted_bce
+from train.loop import make_optimizer, train_one_epoch, weighted_bce
 from train.models import build_model, model_spec
 from train.runtime import Runtime, start_runtime
 
@@ -60,7 +61,12 @@ def _naive_loader(root: Path, params: Params, batch_size: int, workers: int, aug
 
 def _endless(loader: DataLoader):
     while True:
-        yield from loader
+        empty = True
+        for batch in loader:
+            empty = False
+            yield batch
+        if empty:  # would spin forever without a word
+            raise CxrError("the ImageFolder loader yields no full batch: fewer images than the batch size")
 
 
 def _naive_train(model, optimizer, batches, class_weights, steps: int) -> dict[str, float]:
@@ -105,6 +111,11 @@ def run_train_benchmark(
     whenever another process holds one of the cores."""
     summary = read_summary(shard_dir)
     tp = params.train
+    if summary.split("train").count < tp.batch_size:
+        raise CxrError(
+            f"{shard_dir} has {summary.split('train').count} training images, fewer than one batch of "
+            f"{tp.batch_size}: benchmark on a larger variant or lower train.batch_size"
+        )
     rt = start_runtime(use_cuda=False)
     if threads > 0:
         torch.set_num_threads(threads)
@@ -119,7 +130,7 @@ def run_train_benchmark(
         torch.manual_seed(params.seed)
         net = build_model(model_name).to(memory_format=torch.channels_last if run_rt.channels_last
                                           else torch.contiguous_format)
-        opt = torch.optim.Adam(net.parameters(), lr=lr)
+        opt = make_optimizer(net, lr)
         gen = torch.Generator().manual_seed(params.seed)
         kw = dict(rt=run_rt, class_weights=class_weights, augment=tp.augment, generator=gen,
                   aux_weight=tp.aux_weight, desc="bench", show_progress=False)

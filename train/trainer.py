@@ -29,7 +29,7 @@ from pipeline.params import Params
 from pipeline.shard_format import ShardSummary, read_summary
 from train.checkpoint import detached_state_dict, load_checkpoint, make_meta, save_checkpoint
 from train.data import derive_seed, steps_per_epoch, train_batches
-from train.loop import train_one_epoch, validate
+from train.loop import make_optimizer, train_one_epoch, validate
 from train.models import build_model, model_spec
 from train.runtime import Runtime, barrier, broadcast_floats, start_runtime, stop_runtime
 from train.metrics import choose_threshold  # shared with the evaluate stage
@@ -146,9 +146,7 @@ def _train(params: Params, summary: ShardSummary, out_dir: Path, live_dir: Path,
         net.load_state_dict(weights)
     net = net.to(rt.device, memory_format=torch.channels_last if rt.channels_last else torch.preserve_format)
     lr = tp.lr if tp.lr is not None else model_spec(params.model).default_lr
-    # fused: one kernel per step instead of foreach's temporaries; on CPU with
-    # glibc malloc those temporaries cost more than ResNet50's backward pass.
-    optimizer = torch.optim.Adam(net.parameters(), lr=lr, weight_decay=0.0, fused=True)
+    optimizer = make_optimizer(net, lr)
     if state["optimizer"] is not None:
         optimizer.load_state_dict(state["optimizer"])
     model: torch.nn.Module = net
