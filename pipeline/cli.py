@@ -245,32 +245,6 @@ def bench_train(
 # ---- commands: evaluate, latency, report (owner: train/evaluate.py, train/latency.py, train/report.py) ----
 
 
-def _external_items(root: Path) -> tuple[list[dict], list[dict]]:
-    """ROOT/test.txt -> images to score (ROOT/test/<filename>) and label lines rejected with reasons."""
-    from pipeline.labels import parse_label_file
-
-    lines, bad = parse_label_file(root / "test.txt")
-    rejects = [{"line": r.line_no, "text": r.text, "reason": r.reason} for r in bad]
-    items, seen = [], set()
-    for line in lines:
-        if line.filename in seen:
-            reason = "duplicate filename in test.txt"
-            rejects.append({"line": line.line_no, "filename": line.filename, "reason": reason})
-            continue
-        seen.add(line.filename)
-        items.append(
-            {
-                "key": f"ext_{line.line_no:06d}",
-                "path": root / "test" / line.filename,
-                "label": line.label,
-                "source": line.source,
-                "patient_id": line.patient_id,
-                "filename": line.filename,
-            }
-        )
-    return items, rejects
-
-
 @app.command()
 @_fail_cleanly
 def evaluate(
@@ -302,7 +276,7 @@ def evaluate(
     data.max_reject_fraction). Writes: OUT (metrics at the operating threshold, at 0.5 in
     `at_0_5`, by source, with bootstrap CIs), the predictions CSV and the DVC plot files.
     """
-    from train.evaluate import evaluate_external, evaluate_shards, write_outputs
+    from train.evaluate import evaluate_external, evaluate_shards, external_test_items, write_outputs
 
     p = _params(params)
     if root is None:
@@ -312,7 +286,7 @@ def evaluate(
     else:
         if shards is not None:
             raise CxrError("pass either --shards or --root, not both")
-        items, rejects = _external_items(root)
+        items, rejects = external_test_items(root)
         result = evaluate_external(
             model, items, rejects, p.evaluate, p.seed, p.data.max_reject_fraction, p.train.num_workers, str(root)
         )

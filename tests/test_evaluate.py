@@ -199,3 +199,20 @@ def test_decoded_probabilities_match_a_direct_forward(tmp_path, tiny):
         prob = torch.sigmoid(net(torch.from_numpy(img)[None, None].float() / 255)).item()
     index = result.test.keys.index(sample["__key__"])
     assert result.test.probs[index] == pytest.approx(prob, abs=1e-6)
+
+
+def test_external_items_reject_duplicates_escapes_and_bad_lines(tmp_path):
+    from train.evaluate import external_test_items
+
+    (tmp_path / "test.txt").write_text(
+        "p 1 a.b.png positive src\n"
+        "p 2 a.b.png negative src\n"
+        "p 3 ../../etc/passwd positive src\n"
+        "only two\n"
+        "COVID 4 c.png negative src\n"
+    )
+    items, rejects = external_test_items(tmp_path)
+    assert [(i["filename"], i["label"], i["patient_id"]) for i in items] == [("a.b.png", 1, "p 1"), ("c.png", 0, "COVID 4")]
+    assert items[0]["path"] == tmp_path / "test" / "a.b.png"
+    reasons = " | ".join(r["reason"] for r in rejects)
+    assert len(rejects) == 3 and "duplicate" in reasons and "escapes" in reasons

@@ -34,6 +34,7 @@ import torch
 
 from pipeline.errors import CxrError
 from pipeline.imageio import ImageRejected
+from pipeline.labels import parse_label_file
 from pipeline.params import EvaluateParams
 from pipeline.preprocess import PreprocessConfig, preprocess_bytes
 from pipeline.shard_format import CLASS_NAMES, ShardSummary, read_summary
@@ -143,6 +144,32 @@ def evaluate_shards(
         "device": str(device),
     }
     return EvalResult(report, preds["test"])
+
+
+def external_test_items(root: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """ROOT/test.txt -> images to score (ROOT/test/<filename>) and label lines rejected with reasons.
+
+    Filenames that would escape ROOT are rejected by the label parser.
+    """
+    lines, bad = parse_label_file(root / "test.txt")
+    rejects = [{"line": r.line_no, "text": r.text, "reason": r.reason} for r in bad]
+    items, seen = [], set()
+    for line in lines:
+        if line.filename in seen:
+            rejects.append({"line": line.line_no, "filename": line.filename, "reason": "duplicate filename in test.txt"})
+            continue
+        seen.add(line.filename)
+        items.append(
+            {
+                "key": f"ext_{line.line_no:06d}",
+                "path": root / "test" / line.filename,
+                "label": line.label,
+                "source": line.source,
+                "patient_id": line.patient_id,
+                "filename": line.filename,
+            }
+        )
+    return items, rejects
 
 
 def _load_external(item: dict[str, Any], cfg: PreprocessConfig) -> np.ndarray | str:
