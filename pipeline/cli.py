@@ -242,7 +242,7 @@ def bench_train(
     )
 
 
-# ---- commands: evaluate, latency, report (owner: train/evaluate.py, train/latency.py, train/report.py) ----
+# ---- commands: evaluate, latency, report (owner: train/evaluate.py, train/latency.py, train/report.py + runs.py) ----
 
 
 @app.command()
@@ -352,7 +352,8 @@ def report(
     Reads: `dvc exp show --json` in the current repository (default), or --exp-json, or --runs.
     Writes: OUT (Markdown; each cell tagged with the experiment or publication it came from).
     """
-    from train.report import exp_show_json, load_published, runs_from_dir, runs_from_exp_show, write_report
+    from train.report import load_published, write_report
+    from train.runs import exp_show_json, runs_from_dir, runs_from_exp_show
 
     if runs is not None and exp_json is not None:
         raise CxrError("pass either --runs or --exp-json, not both")

@@ -1,6 +1,8 @@
 """dvc.yaml is the pipeline's table of contents: every stage must name a real command and real params."""
 
 import shlex
+import subprocess
+import sys
 from pathlib import Path
 
 import yaml
@@ -58,6 +60,31 @@ def test_params_and_code_deps_exist():
         for dep in stage.get("deps", []):
             if dep.endswith(".py"):
                 assert (REPO / dep).is_file(), f"{name}: dependency {dep} does not exist"
+
+
+# The module behind each stage's command; every project module it imports must be
+# a dependency, or DVC would skip a stage whose code changed. Params are tracked
+# through `params:`, and errors.py holds no behaviour.
+STAGE_MODULES = {
+    "sample": "pipeline.sample",
+    "ingest": "pipeline.manifest",
+    "shard": "pipeline.shards",
+    "train": "train.trainer",
+    "evaluate": "train.evaluate",
+    "latency": "train.latency",
+}
+
+
+def test_each_stage_lists_all_the_code_it_runs():
+    probe = "import importlib, sys; importlib.import_module(sys.argv[1]); print(' '.join(sys.modules))"
+    for name, stage in stages():
+        base = name.split("@")[0]
+        loaded = subprocess.run([sys.executable, "-c", probe, STAGE_MODULES[base]], cwd=REPO, check=True,
+                                capture_output=True, text=True).stdout.split()
+        needed = {m.replace(".", "/") + ".py" for m in loaded if m.startswith(("pipeline.", "train."))}
+        needed -= {"pipeline/errors.py", "pipeline/params.py"}
+        missing = needed - set(stage.get("deps", []))
+        assert not missing, f"stage {name} runs {sorted(missing)} but does not depend on it"
 
 
 def test_outputs_are_git_ignored_not_committed():

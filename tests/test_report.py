@@ -1,4 +1,4 @@
-"""train/report.py: tables from synthetic metric files and from `dvc exp show --json` output."""
+"""train/report.py and train/runs.py: tables from synthetic metric files and from `dvc exp show --json` output."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from typer.testing import CliRunner
 
 from pipeline.cli import app
 from train import report as rep
+from train import runs as run_sources
 
 
 def _block(p: float, acc: float) -> dict:
@@ -63,7 +64,7 @@ def runs_dir(tmp_path):
 
 
 def test_tables_bold_best_and_tag_sources(runs_dir):
-    runs = rep.runs_from_dir(runs_dir)
+    runs = run_sources.runs_from_dir(runs_dir)
     text = rep.render(runs, rep.load_published(), at="operating")
     lines = text.splitlines()
     t3 = lines.index(next(line for line in lines if line.startswith("### Table III")))
@@ -81,7 +82,7 @@ def test_tables_bold_best_and_tag_sources(runs_dir):
 
 
 def test_threshold_choice_and_published_rows(runs_dir):
-    text = rep.render(rep.runs_from_dir(runs_dir), rep.load_published(), at="0.5")
+    text = rep.render(run_sources.runs_from_dir(runs_dir), rep.load_published(), at="0.5")
     t6 = text.split("### Table VI")[1].split("### Table VII")[0]
     assert "| ResNet50 | ours | equalized | 224×224 | 0.810 | 0.820 | 0.800 | E" in t6  # at_0_5 block (p - 0.1)
     assert "| COVID-Net CXR-2 | published | — | 480×480 | 0.970 | 0.955 | 0.963 | COVID-Net CXR-2 paper |" in t6
@@ -98,7 +99,7 @@ def test_threshold_choice_and_published_rows(runs_dir):
 
 
 def test_best_run_is_chosen_on_validation_not_test(runs_dir):
-    best = rep.best_by_pair(rep.runs_from_dir(runs_dir))
+    best = run_sources.best_by_pair(run_sources.runs_from_dir(runs_dir))
     assert best[("resnet50", "equalized")].label == "rn-eq"
 
 
@@ -130,7 +131,7 @@ EXP_SHOW = [
 
 
 def test_runs_from_exp_show_dedupes_workspace_and_skips_errors():
-    runs, skipped = rep.runs_from_exp_show(EXP_SHOW, "metrics/eval.json", "metrics/latency.json")
+    runs, skipped = run_sources.runs_from_exp_show(EXP_SHOW, "metrics/eval.json", "metrics/latency.json")
     assert [(r.label, r.model, r.variant) for r in runs] == [
         ("minim-expo", "densenet121", "equalized"),
         ("master", "resnet50", "plain"),
@@ -146,7 +147,7 @@ def test_unreadable_metrics_are_reported_not_silently_dropped(tmp_path):
     missing = {"error": {"type": "FileNotFoundError", "msg": "[Errno 2] No such file or directory: 'metrics/eval.json'"}}
     data = [{"rev": "827401f" + "0" * 33, "name": "main", "error": None, "experiments": None,
              "data": {"params": {}, "metrics": {"metrics/eval.json": missing}}}]  # fmt: skip
-    runs, skipped = rep.runs_from_exp_show(data, "metrics/eval.json", "metrics/latency.json")
+    runs, skipped = run_sources.runs_from_exp_show(data, "metrics/eval.json", "metrics/latency.json")
     assert runs == [] and "No such file" in skipped[0]
     saved = tmp_path / "exp.json"
     saved.write_text(json.dumps(data))

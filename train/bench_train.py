@@ -11,7 +11,6 @@ waiting for data show whether the data path could ever be the bottleneck.
 
 from __future__ import annotations
 
-import os
 import tempfile
 import time
 from dataclasses import replace
@@ -27,7 +26,7 @@ from pipeline.errors import CxrError
 from pipeline.params import Params
 from pipeline.shard_format import CLASS_NAMES, ShardSummary, read_summary
 from train.data import train_batches
-from train.latency import cpu_model_name
+from train.machine import allocator_name, cpu_model_name
 from train.loop import make_optimizer, train_one_epoch, weighted_bce
 from train.models import build_model, model_spec
 from train.runtime import Runtime, start_runtime
@@ -141,7 +140,7 @@ def run_train_benchmark(
     result: dict[str, Any] = {
         "model": model_name, "batch_size": tp.batch_size, "num_workers": tp.num_workers, "steps": steps,
         "warmup": warmup, "threads": torch.get_num_threads(), "cpu": cpu_model_name(),
-        "streaming_precision": rt.describe(), "tcmalloc_preloaded": "tcmalloc" in os.environ.get("LD_PRELOAD", ""),
+        "streaming_precision": rt.describe(), "allocator": allocator_name(),
         "shards": str(shard_dir), "train_samples": summary.split("train").count,
     }
     result["streaming"] = streaming(rt)

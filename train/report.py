@@ -11,13 +11,12 @@ Pavlova et al. A missing figure is shown as '—', never guessed.
 from __future__ import annotations
 
 import json
-import subprocess
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from pipeline.errors import CxrError
+from train.runs import Run, best_by_pair, get
 
 MODEL_ORDER = ("alexnet", "vgg16", "resnet50", "densenet121", "inceptionv3")
 DISPLAY = {"alexnet": "AlexNet", "vgg16": "VGG16", "resnet50": "ResNet50", "densenet121": "DenseNet121",
@@ -28,119 +27,8 @@ PUBLISHED = Path(__file__).with_name("published_results.json")
 AT_CHOICES = ("0.5", "operating")
 
 
-@dataclass(frozen=True)
-class Run:
-    label: str  # experiment name, branch, or directory name
-    rev: str | None  # commit of the experiment, when known
-    model: str | None
-    variant: str | None
-    eval: dict[str, Any]
-    latency: dict[str, Any]
-
-    @property
-    def origin(self) -> str:
-        return f"`{self.label}` (commit {self.rev[:7]})" if self.rev else f"`{self.label}`"
-
-    @property
-    def val_f1(self) -> float:
-        value = get(self.eval, "val.macro.f1")
-        return float("-inf") if value is None else value
-
-
-def get(d: Any, dotted: str) -> Any:
-    for part in dotted.split("."):
-        if not isinstance(d, dict) or part not in d:
-            return None
-        d = d[part]
-    return d
-
-
 def load_published(path: Path = PUBLISHED) -> dict[str, Any]:
     return json.loads(Path(path).read_text())
-
-
-def _make_run(label: str, rev: str | None, ev: dict, lat: dict, params: dict) -> Run:
-    model = get(ev, "model.name") or lat.get("model") or params.get("model")
-    variant = get(ev, "model.variant") or lat.get("variant") or params.get("variant")
-    return Run(label, rev, model, variant, ev, lat)
-
-
-def runs_from_exp_show(data: list[dict], eval_name: str, latency_name: str) -> tuple[list[Run], list[str]]:
-    """Runs in `dvc exp show --json` output (dvc 3.x): experiments first, then commits, then the workspace.
-
-    Returns the runs and, for entries skipped, why (a failed experiment, or a
-    metrics file DVC could not read: e.g. `cache: false` metrics under a
-    git-ignored folder never reach the experiment commits). DVC drops lists
-    and nulls from metrics there (no `ci95`), which the tables do not need.
-    The workspace usually repeats the last experiment applied to it, so runs
-    with identical metrics are kept once, under the first name seen.
-    """
-    found: list[tuple[int, str, str | None, dict]] = []
-    for commit in data:
-        rev = commit.get("rev")
-        is_workspace = rev == "workspace"
-        label = commit.get("name") or (rev or "")[:7]
-        found.append((2 if is_workspace else 1, label, None if is_workspace else rev, commit))
-        for exp in commit.get("experiments") or []:
-            for exp_rev in exp.get("revs") or []:
-                label = exp_rev.get("name") or exp.get("name") or exp_rev.get("rev", "")[:7]
-                found.append((0, label, exp_rev.get("rev"), exp_rev))
-    runs, skipped, seen = [], [], set()
-    for _, label, rev, entry in sorted(found, key=lambda f: f[0]):
-        if entry.get("error") or not entry.get("data"):
-            skipped.append(f"{label}: {get(entry, 'error.msg') or 'no data'}")
-            continue
-        files = entry["data"].get("metrics") or {}
-        ev = (files.get(eval_name) or {}).get("data")
-        lat = (files.get(latency_name) or {}).get("data")
-        if not ev and not lat:
-            errors = [f"{name}: {get(files.get(name), 'error.msg')}" for name in (eval_name, latency_name)
-                      if get(files.get(name), "error.msg")]  # fmt: skip
-            skipped.append(f"{label}: " + ("; ".join(errors) or f"no {eval_name} or {latency_name}"))
-            continue
-        params = ((entry["data"].get("params") or {}).get("params.yaml") or {}).get("data") or {}
-        signature = json.dumps([ev, lat], sort_keys=True)
-        if signature in seen:
-            continue
-        seen.add(signature)
-        runs.append(_make_run(label, rev, ev or {}, lat or {}, params or {}))
-    return runs, skipped
-
-
-def exp_show_json(repo: Path) -> list[dict]:
-    try:
-        proc = subprocess.run(["dvc", "exp", "show", "--json"], cwd=repo, capture_output=True, text=True, check=False)
-    except FileNotFoundError:
-        raise CxrError("dvc is not installed: pass --runs DIR or --exp-json FILE instead") from None
-    if proc.returncode != 0:
-        raise CxrError(f"`dvc exp show --json` failed in {repo}: {proc.stderr.strip()[:500]}")
-    return json.loads(proc.stdout or "[]")
-
-
-def runs_from_dir(directory: Path) -> list[Run]:
-    """DIR/<run>/eval.json and/or DIR/<run>/latency.json, one sub-directory per run."""
-    directory = Path(directory)
-    if not directory.is_dir():
-        raise CxrError(f"no run directory at {directory}")
-    runs = []
-    for sub in sorted(p for p in directory.iterdir() if p.is_dir()):
-        files = {name: sub / f"{name}.json" for name in ("eval", "latency")}
-        loaded = {k: json.loads(p.read_text()) for k, p in files.items() if p.is_file()}
-        if loaded:
-            runs.append(_make_run(sub.name, None, loaded.get("eval", {}), loaded.get("latency", {}), {}))
-    return runs
-
-
-def best_by_pair(runs: list[Run]) -> dict[tuple[str, str], Run]:
-    """One run per (model, variant): the highest VALIDATION macro F1 (never chosen on test)."""
-    best: dict[tuple[str, str], Run] = {}
-    for run in runs:
-        if not run.eval or run.model is None or run.variant is None:
-            continue
-        key = (run.model, run.variant)
-        if key not in best or run.val_f1 > best[key].val_f1:
-            best[key] = run
-    return best
 
 
 def _fmt(value: Any, digits: int = 3) -> str:
