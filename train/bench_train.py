@@ -121,7 +121,6 @@ def run_train_benchmark(
     naive_rt = replace(rt, autocast_dtype=None, channels_last=False)
     class_weights = torch.tensor(summary.class_weights("train"), dtype=torch.float32)
     lr = tp.lr if tp.lr is not None else model_spec(model_name).default_lr
-    # Endless stream, read twice: warm-up batches then timed ones.
     stream_kw = dict(batch_size=tp.batch_size, num_workers=tp.num_workers, shuffle_buffer=tp.shuffle_buffer,
                      seed=params.seed, epoch=0)
 
@@ -133,8 +132,11 @@ def run_train_benchmark(
         gen = torch.Generator().manual_seed(params.seed)
         kw = dict(rt=run_rt, class_weights=class_weights, augment=tp.augment, generator=gen,
                   aux_weight=tp.aux_weight, desc="bench", show_progress=False)
-        train_one_epoch(net, opt, train_batches(summary, steps=warmup, **stream_kw), steps=warmup, **kw)
-        stats = train_one_epoch(net, opt, train_batches(summary, steps=steps, **stream_kw), steps=steps, **kw)
+        # One loader for warm-up and timed steps, as within a training epoch: a
+        # second loader would time its workers' start-up and prefetch burst too.
+        batches = iter(train_batches(summary, steps=warmup + steps, **stream_kw))
+        train_one_epoch(net, opt, islice(batches, warmup), steps=warmup, **kw)
+        stats = train_one_epoch(net, opt, islice(batches, steps), steps=steps, **kw)
         return {"images_per_s": stats.images_per_s, "data_wait_fraction": stats.data_wait_fraction}
 
     result: dict[str, Any] = {
