@@ -75,8 +75,8 @@ def process_pool(workers: int) -> ProcessPoolExecutor:
     Plain fork() after torch has started its thread pools can deadlock a child
     on a lock held by a thread that no longer exists; forkserver children come
     from a clean, single-threaded server. The server preloads this module and
-    the main script, so a new worker is a bare fork (about 20 ms) rather than
-    a fresh interpreter re-importing the program.
+    the main script, so a two-worker pool starts in about 40 ms rather than
+    each worker re-importing the program.
     """
     ctx = multiprocessing.get_context("forkserver")
     ctx.set_forkserver_preload(["__main__", __name__])
