@@ -217,9 +217,10 @@ def bench_train(
     threads: Annotated[
         int, typer.Option(help="Compute threads, 0 = all cores (1 is steadier on a machine shared with other jobs)")
     ] = 0,
+    device: Annotated[str, typer.Option(help="cpu, or cuda to time both paths on the GPU")] = "cpu",
     params: ParamsOpt = Path("params.yaml"),
 ) -> None:
-    """Benchmark on this CPU: streaming trainer vs naive ImageFolder + per-image RandomAffine fp32 trainer.
+    """Benchmark on this CPU (or --device cuda): streaming trainer vs naive ImageFolder + per-image RandomAffine fp32 trainer.
 
     Reads: SHARDS (train split; exported to a temporary ImageFolder of the same PNGs) and params train.*.
     Writes nothing; prints training images/s of both paths and their ratio, loader-only images/s
@@ -238,6 +239,7 @@ def bench_train(
             loader_images,
             fp32_streaming=fp32_streaming,
             threads=threads,
+            device=device,
         )
     )
 

@@ -65,18 +65,21 @@ def _endless(loader: DataLoader):
         yield from loader
 
 
-def _naive_train(model, optimizer, batches, class_weights, steps: int) -> dict[str, float]:
+def _naive_train(model, optimizer, batches, class_weights, steps: int, device: torch.device) -> dict[str, float]:
     """fp32 NCHW training steps over already-augmented float batches."""
     model.train()
     wait = 0.0
     start = fetch = time.perf_counter()
     for x, y in islice(batches, steps):
         wait += time.perf_counter() - fetch
+        x, y = x.to(device), y.to(device)
         loss = weighted_bce(model(x), y.float(), class_weights[y])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         fetch = time.perf_counter()
+    if device.type == "cuda":
+        torch.cuda.synchronize()  # kernels are asynchronous: time their completion
     seconds = time.perf_counter() - start
     return {"images_per_s": steps * x.shape[0] / seconds, "data_wait_fraction": wait / seconds}
 
@@ -101,6 +104,7 @@ def run_train_benchmark(
     loader_images: int,
     fp32_streaming: bool = False,
     threads: int = 0,
+    device: str = "cpu",
 ) -> dict[str, Any]:
     """`threads` 0 = all cores (what the trainer uses). On a machine shared with
     other jobs, 1 thread gives steadier numbers: OpenMP's per-op barriers stall
@@ -112,18 +116,20 @@ def run_train_benchmark(
             f"{shard_dir} has {summary.split('train').count} training images, fewer than one batch of "
             f"{tp.batch_size}: benchmark on a larger variant or lower train.batch_size"
         )
-    rt = start_runtime(use_cuda=False)
+    if device not in ("cpu", "cuda"):
+        raise CxrError(f"--device must be cpu or cuda, not {device!r}")
+    rt = start_runtime(use_cuda=device == "cuda")
     if threads > 0:
         torch.set_num_threads(threads)
     naive_rt = replace(rt, autocast_dtype=None, channels_last=False)
-    class_weights = torch.tensor(summary.class_weights("train"), dtype=torch.float32)
+    class_weights = torch.tensor(summary.class_weights("train"), dtype=torch.float32, device=rt.device)
     lr = tp.lr if tp.lr is not None else model_spec(model_name).default_lr
     stream_kw = dict(batch_size=tp.batch_size, num_workers=tp.num_workers, shuffle_buffer=tp.shuffle_buffer,
-                     seed=params.seed, epoch=0)
+                     seed=params.seed, epoch=0, pin_memory=rt.device.type == "cuda")
 
     def streaming(run_rt: Runtime) -> dict[str, float]:
         torch.manual_seed(params.seed)
-        net = build_model(model_name).to(memory_format=torch.channels_last if run_rt.channels_last
+        net = build_model(model_name).to(run_rt.device, memory_format=torch.channels_last if run_rt.channels_last
                                           else torch.contiguous_format)
         opt = make_optimizer(net, lr)
         gen = torch.Generator().manual_seed(params.seed)
@@ -134,6 +140,8 @@ def run_train_benchmark(
         batches = iter(train_batches(summary, steps=warmup + steps, **stream_kw))
         train_one_epoch(net, opt, islice(batches, warmup), steps=warmup, **kw)
         stats = train_one_epoch(net, opt, islice(batches, steps), steps=steps, **kw)
+        if run_rt.device.type == "cuda":
+            torch.cuda.synchronize()
         return {"images_per_s": stats.images_per_s, "data_wait_fraction": stats.data_wait_fraction}
 
     result: dict[str, Any] = {
@@ -147,11 +155,11 @@ def run_train_benchmark(
         root = Path(tmp)
         export_image_folder(summary, "train", root)
         torch.manual_seed(params.seed)
-        net = build_model(model_name)
+        net = build_model(model_name).to(rt.device)
         opt = torch.optim.Adam(net.parameters(), lr=lr)
         naive = _endless(_naive_loader(root, params, tp.batch_size, tp.num_workers, augment=True))
-        _naive_train(net, opt, naive, class_weights, warmup)
-        result["naive_fp32"] = _naive_train(net, opt, naive, class_weights, steps)
+        _naive_train(net, opt, naive, class_weights, warmup, rt.device)
+        result["naive_fp32"] = _naive_train(net, opt, naive, class_weights, steps, rt.device)
         del naive
         if fp32_streaming:  # the streaming path in fp32 NCHW: separates precision/layout from the data path
             result["streaming_fp32"] = streaming(naive_rt)

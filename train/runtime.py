@@ -26,6 +26,9 @@ class Runtime:
     local_rank: int
     autocast_dtype: torch.dtype | None  # None = fp32
     channels_last: bool
+    # Launched by torchrun: DDP even with one process, so `torchrun --nproc_per_node 1` runs the
+    # same code path (process group, DDP wrapper, all-reduces) as a multi-GPU job.
+    launched_by_torchrun: bool = False
 
     @property
     def is_main(self) -> bool:
@@ -33,7 +36,7 @@ class Runtime:
 
     @property
     def distributed(self) -> bool:
-        return self.world_size > 1
+        return self.world_size > 1 or self.launched_by_torchrun
 
     def autocast(self) -> contextlib.AbstractContextManager:
         if self.autocast_dtype is None:
@@ -86,9 +89,10 @@ def start_runtime(use_cuda: bool | None = None) -> Runtime:
         # All cores, shared fairly by the processes on this machine.
         torch.set_num_threads(max(1, cpu_count() // local_world))
         dtype = torch.bfloat16 if cpu_has_fast_bf16() else None
-    if world_size > 1 and not dist.is_initialized():
+    torchrun = "TORCHELASTIC_RUN_ID" in os.environ
+    if (world_size > 1 or torchrun) and not dist.is_initialized():
         dist.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None)
-    return Runtime(device, rank, world_size, local_rank, dtype, channels_last=True)
+    return Runtime(device, rank, world_size, local_rank, dtype, channels_last=True, launched_by_torchrun=torchrun)
 
 
 def stop_runtime(rt: Runtime) -> None:

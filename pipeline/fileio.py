@@ -1,0 +1,125 @@
+"""File writes that survive crashes and concurrent runs, and the file hash every stage uses.
+
+One helper per convention (issue 12): every artifact the project writes goes through
+`atomic_output` so a reader never sees half a file, a killed run never leaves a file under its
+final name, two runs never share a temp name, and a full disk is one clean `CxrError`.
+Hand-written because the standard library has the pieces (mkstemp, fsync, replace, flock) but no
+single call that combines them, and the popular wrappers (atomicwrites) are unmaintained.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import IO, Any
+
+from pipeline.errors import CxrError
+
+TEMP_SUFFIX = ".tmp"
+LOCK_NAME = ".cxr.lock"
+_HASH_CHUNK = 1 << 20
+
+
+def _describe(exc: OSError, path: Path) -> str:
+    if exc.errno == errno.ENOSPC:
+        return f"cannot write {path}: no space left on device"
+    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return f"cannot write {path}: permission denied"
+    return f"cannot write {path}: {exc.strerror or exc}"
+
+
+def _fsync_dir(folder: Path) -> None:
+    # The rename is durable only once the directory entry itself reaches the disk.
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_output(path: Path | str) -> Iterator[IO[bytes]]:
+    """Yield a binary file that becomes `path` only if the block completes.
+
+    The temp file lives in the target folder (so the rename cannot cross file systems) under a
+    unique name (so two runs never collide); it is fsynced before the rename and removed on any
+    failure, including an exception raised by the caller's block.
+    """
+    path = Path(path)
+    folder = path.parent
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMP_SUFFIX, dir=folder)
+    except OSError as exc:
+        raise CxrError(_describe(exc, path)) from exc
+    tmp = Path(tmp_name)
+    try:
+        with os.fdopen(fd, "wb") as stream:
+            yield stream
+            stream.flush()
+            os.fsync(stream.fileno())
+        os.replace(tmp, path)
+        _fsync_dir(folder)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise CxrError(_describe(exc, path)) from exc
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_bytes(path: Path | str, data: bytes) -> None:
+    with atomic_output(path) as stream:
+        stream.write(data)
+
+
+def atomic_write_text(path: Path | str, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: Path | str, obj: Any, *, indent: int | None = 2) -> None:
+    """JSON with sorted keys and a final newline, so reruns give identical bytes."""
+    text = json.dumps(obj, indent=indent, sort_keys=True, allow_nan=False)
+    atomic_write_text(path, text + "\n")
+
+
+def sha256_file(path: Path | str) -> str:
+    """Hex sha256 of a file, read in chunks so memory stays bounded whatever its size."""
+    digest = hashlib.sha256()
+    try:
+        with open(path, "rb") as stream:
+            while chunk := stream.read(_HASH_CHUNK):
+                digest.update(chunk)
+    except OSError as exc:
+        raise CxrError(f"cannot read {path}: {exc.strerror or exc}") from exc
+    return digest.hexdigest()
+
+
+@contextlib.contextmanager
+def output_lock(folder: Path | str) -> Iterator[Path]:
+    """Hold an exclusive lock on an output folder for the duration of a run.
+
+    flock (not a pid file) because the kernel drops it when the process dies, so a killed run
+    never leaves a stale lock that blocks the rerun.
+    """
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd = os.open(folder / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as exc:
+        raise CxrError(_describe(exc, folder / LOCK_NAME)) from exc
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError as exc:
+            raise CxrError(f"another run is writing {folder}; wait for it to finish") from exc
+        yield folder
+    finally:
+        os.close(fd)

@@ -1,0 +1,112 @@
+import errno
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from pipeline import fileio
+from pipeline.errors import CxrError
+
+
+def _leftovers(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if p.name.endswith(fileio.TEMP_SUFFIX))
+
+
+def test_atomic_write_replaces_whole_file_and_leaves_no_temp(tmp_path):
+    target = tmp_path / "out.json"
+    target.write_text("old")
+    fileio.atomic_write_json(target, {"b": 1, "a": [1, 2]})
+    assert json.loads(target.read_text()) == {"a": [1, 2], "b": 1}
+    assert target.read_text().endswith("\n")
+    assert _leftovers(tmp_path) == []
+
+
+def test_failed_block_keeps_the_old_file_and_removes_the_temp(tmp_path):
+    target = tmp_path / "model.bin"
+    target.write_bytes(b"previous")
+    with pytest.raises(RuntimeError, match="boom"):
+        with fileio.atomic_output(target) as stream:
+            stream.write(b"half")
+            raise RuntimeError("boom")
+    assert target.read_bytes() == b"previous"
+    assert _leftovers(tmp_path) == []
+
+
+def test_disk_full_is_one_clean_error_without_temp(tmp_path, monkeypatch):
+    def full_disk(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(fileio.os, "fsync", full_disk)
+    with pytest.raises(CxrError, match="no space left on device"):
+        fileio.atomic_write_bytes(tmp_path / "x.bin", b"data")
+    assert not (tmp_path / "x.bin").exists()
+    assert _leftovers(tmp_path) == []
+
+
+def test_two_writers_get_distinct_temp_names(tmp_path):
+    target = tmp_path / "shared.tar"
+    with fileio.atomic_output(target) as first, fileio.atomic_output(target) as second:
+        assert len(_leftovers(tmp_path)) == 2  # each run has its own temp file
+        first.write(b"1")
+        second.write(b"2")
+    # The inner block commits first; the last commit wins whole, never a mix of both.
+    assert target.read_bytes() == b"1"
+    assert _leftovers(tmp_path) == []
+
+
+def test_sha256_file_matches_hashlib_on_a_multi_chunk_file(tmp_path):
+    import hashlib
+
+    data = os.urandom(3 * (1 << 20) + 17)
+    path = tmp_path / "blob"
+    path.write_bytes(data)
+    assert fileio.sha256_file(path) == hashlib.sha256(data).hexdigest()
+
+
+def test_sha256_of_a_missing_file_is_a_clean_error(tmp_path):
+    with pytest.raises(CxrError, match="cannot read"):
+        fileio.sha256_file(tmp_path / "absent")
+
+
+def test_output_lock_refuses_a_second_writer(tmp_path):
+    with fileio.output_lock(tmp_path / "shards"):
+        with pytest.raises(CxrError, match="another run is writing"):
+            with fileio.output_lock(tmp_path / "shards"):
+                pass
+    with fileio.output_lock(tmp_path / "shards"):
+        pass  # released: a later run may write
+
+
+def test_lock_of_a_killed_run_does_not_block_the_rerun(tmp_path):
+    folder = tmp_path / "out"
+    code = (
+        "import sys, time; from pipeline.fileio import output_lock\n"
+        f"with output_lock({str(folder)!r}):\n"
+        "    print('locked', flush=True); time.sleep(60)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, env=env, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "locked"
+        with pytest.raises(CxrError):
+            with fileio.output_lock(folder):
+                pass
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=10)
+        deadline = time.monotonic() + 5
+        while True:
+            try:
+                with fileio.output_lock(folder):
+                    break
+            except CxrError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
+    finally:
+        proc.kill()
+        proc.wait()
