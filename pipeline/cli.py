@@ -104,6 +104,7 @@ def ingest(
         val_fraction=p.data.val_fraction,
         seed=p.seed,
         max_reject_fraction=p.data.max_reject_fraction,
+        show_progress=True,
     )
     _echo_json(summary)
 

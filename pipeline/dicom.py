@@ -3,16 +3,19 @@
 A DICOM stores raw detector values, not a picture: the modality transform
 (rescale slope/intercept or a Modality LUT) gives physical values, the VOI
 transform (a VOI LUT or window centre/width) says which range of them the
-radiologist looks at, and MONOCHROME1 means "bright = low value". The PNG/JPEG
+radiologist looks at, and MONOCHROME1 or a Presentation LUT Shape of INVERSE
+mean "bright = low value". The PNG/JPEG
 exports the models were trained on had all three baked in, so we apply them
 here with pydicom's own implementations and hand over an 8-bit array in which
 white means dense, exactly like a decoded PNG. (8-bit, not float: for deeper
 data `preprocess_array` stretches the image's own min..max, which would undo
 the VOI window whenever the image does not reach both ends of it.)
 
-Compressed transfer syntaxes are decoded only when pydicom has a working
-plugin for them; otherwise the file is refused with a message naming the
-syntax (rather than a pydicom traceback about missing plugins).
+PACS exports are often compressed. pydicom decodes RLE itself and, through
+the pylibjpeg plugins this project installs, JPEG baseline/extended/lossless
+and JPEG-LS (pylibjpeg-libjpeg) and JPEG 2000 (pylibjpeg-openjpeg). A syntax
+without a working decoder is refused with a message naming it (rather than a
+pydicom traceback about missing plugins).
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from pydicom.errors import InvalidDicomError
 from pydicom.pixels import apply_modality_lut, apply_voi_lut, get_decoder
 from pydicom.uid import UID, ImplicitVRLittleEndian
 
-from pipeline.imageio import DecodeLimits, ImageRejected
+from pipeline.imageio import DecodeLimits, Header, ImageRejected, read_header
 
 DICOM_MAGIC_OFFSET = 128
 DICOM_MAGIC = b"DICM"
@@ -42,8 +45,25 @@ def looks_like_dicom(path: Path, head: bytes) -> bool:
     return path.suffix.lower() in DICOM_SUFFIXES or head[DICOM_MAGIC_OFFSET : DICOM_MAGIC_OFFSET + 4] == DICOM_MAGIC
 
 
+def image_file_header(path: Path) -> Header:
+    """Stored size and format of any input image, DICOM or not, from its header alone (for ingest)."""
+    try:
+        with open(path, "rb") as fh:
+            if looks_like_dicom(path, fh.read(DICOM_MAGIC_OFFSET + 4)):
+                return read_dicom_header(path)
+            fh.seek(0)
+            return read_header(fh)
+    except OSError as exc:
+        raise ImageRejected(f"cannot read file: {exc.strerror or exc}") from None
+
+
 def read_dicom(data: bytes, limits: DecodeLimits) -> np.ndarray:
-    """Decode one DICOM image to uint8, shape (H, W), white = dense, ready for `preprocess_array`.
+    """Decode one DICOM image to uint8, shape (H, W), white = dense, ready for `preprocess_array`."""
+    return read_dicom_with_header(data, limits)[1]
+
+
+def read_dicom_with_header(data: bytes, limits: DecodeLimits) -> tuple[Header, np.ndarray]:
+    """`read_dicom` that also returns the stored size (Columns x Rows) as a Header, format "DICOM".
 
     Raises ImageRejected (a CxrError) with the reason for anything that is not a
     single-frame greyscale image we can decode: not DICOM, no pixel data,
@@ -51,13 +71,7 @@ def read_dicom(data: bytes, limits: DecodeLimits) -> np.ndarray:
     `limits` (checked before decoding), or a compressed transfer syntax without
     a working decoder.
     """
-    try:
-        # force=True accepts files without the 128-byte preamble (older exports);
-        # a non-DICOM blob then fails the PixelData check below.
-        ds = pydicom.dcmread(io.BytesIO(data), force=True)
-    except (InvalidDicomError, EOFError, ValueError, KeyError, TypeError, OSError) as exc:
-        raise ImageRejected(f"not a readable DICOM file: {exc}") from exc
-
+    ds = _parse(io.BytesIO(data))
     if "PixelData" not in ds:
         raise ImageRejected("DICOM has no pixel data (PixelData element missing)")
     syntax = _transfer_syntax(ds)
@@ -80,9 +94,44 @@ def read_dicom(data: bytes, limits: DecodeLimits) -> np.ndarray:
     if not np.isfinite(values).all():
         raise ImageRejected("DICOM pixel values are not finite after rescale/VOI")
     unit = np.zeros(values.shape) if hi <= lo else ((values - lo) / (hi - lo)).clip(0.0, 1.0)
-    if photometric == "MONOCHROME1":  # low values are displayed white
+    if _inverted(ds, photometric):  # low values are displayed white
         unit = 1.0 - unit
-    return np.round(unit * 255.0).astype(np.uint8)
+    header = Header("DICOM", int(ds.Columns), int(ds.Rows), photometric, 1)
+    return header, np.round(unit * 255.0).astype(np.uint8)
+
+
+def read_dicom_header(path: Path) -> Header:
+    """Columns x Rows of a DICOM file from its header, without reading the pixel data."""
+    try:
+        with open(path, "rb") as fh:
+            ds = _parse(fh, stop_before_pixels=True)
+            return Header("DICOM", int(ds.Columns), int(ds.Rows), str(ds.get("PhotometricInterpretation", "")), 1)
+    except OSError as exc:
+        raise ImageRejected(f"cannot read file: {exc.strerror or exc}") from None
+    except (AttributeError, TypeError, ValueError) as exc:
+        raise ImageRejected(f"DICOM image geometry (Rows/Columns) missing or invalid: {exc}") from None
+
+
+def _parse(source, stop_before_pixels: bool = False) -> pydicom.Dataset:
+    try:
+        # force=True accepts files without the 128-byte preamble (older exports);
+        # a non-DICOM blob then fails the PixelData/geometry checks.
+        return pydicom.dcmread(source, force=True, stop_before_pixels=stop_before_pixels)
+    except (InvalidDicomError, EOFError, ValueError, KeyError, TypeError, OSError) as exc:
+        raise ImageRejected(f"not a readable DICOM file: {exc}") from exc
+
+
+def _inverted(ds: pydicom.Dataset, photometric: str) -> bool:
+    """Whether the lowest value is shown white.
+
+    PS3.3 C.8.11.6.1.2: a Presentation LUT Shape of INVERSE "shall be used if"
+    the image is MONOCHROME1; both name the same single inversion, so a
+    conformant MONOCHROME1 + INVERSE file is inverted once, not twice. Some
+    exports (CR, secondary captures) flag inversion of a MONOCHROME2 image by
+    INVERSE alone, which viewers honour, and so do we.
+    """
+    shape = str(ds.get("PresentationLUTShape", "") or "").strip().upper()
+    return photometric == "MONOCHROME1" or shape == "INVERSE"
 
 
 def _transfer_syntax(ds: pydicom.Dataset) -> UID:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import io
 import warnings
 from dataclasses import dataclass
+from typing import BinaryIO
 
 import cv2
 import numpy as np
@@ -42,15 +43,22 @@ class Header:
     orientation: int
 
 
-def read_header(data: bytes) -> Header:
-    if not data:
-        raise ImageRejected("empty file")
+def read_header(data: bytes | BinaryIO) -> Header:
+    """Format, size, mode and EXIF orientation from the header; pixels are not decoded.
+
+    `data` is the file's bytes or a binary file object (Pillow then reads only
+    as far as the header).
+    """
+    if isinstance(data, bytes):
+        if not data:
+            raise ImageRejected("empty file")
+        data = io.BytesIO(data)
     try:
         with warnings.catch_warnings():
             # Our own pixel bound is checked below; Pillow's bomb warning/error is
             # about its default bound, which we neither want nor rely on.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data)) as img:
+            with Image.open(data) as img:
                 return Header(img.format or "unknown", img.width, img.height, img.mode, _orientation(img))
     except Image.DecompressionBombError as exc:
         raise ImageRejected(f"image declares too many pixels, over the bound (decompression bomb refused): {exc}") from None

@@ -17,8 +17,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from tqdm import tqdm
 
+from pipeline.dicom import image_file_header
 from pipeline.errors import CxrError
+from pipeline.imageio import Header, ImageRejected
 from pipeline.labels import LabelLine, parse_label_file
 from pipeline.shard_format import CLASS_NAMES, SPLITS
 
@@ -34,6 +37,12 @@ class ManifestEntry:
     filename: str
     sha256: str
     bytes: int
+    # Stored size and format from the image header (read without decoding, as
+    # the shard stage's decoder sees it); None where the header is unreadable,
+    # which the shard stage then records as a reject with the reason.
+    width: int | None = None
+    height: int | None = None
+    format: str | None = None
 
 
 def _sha256(path: Path) -> str:
@@ -42,6 +51,15 @@ def _sha256(path: Path) -> str:
         for block in iter(lambda: fh.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def _inspect(path: Path) -> tuple[str, Header | None]:
+    """sha256 of the file and its header (Fig. 1's image dimensions), or None for an unreadable header."""
+    try:
+        header = image_file_header(path)
+    except ImageRejected:
+        header = None
+    return _sha256(path), header
 
 
 def carve_validation(lines: list[LabelLine], fraction: float, seed: int, exclude: set[str]) -> set[str]:
@@ -68,7 +86,13 @@ def carve_validation(lines: list[LabelLine], fraction: float, seed: int, exclude
 
 
 def build_manifest(
-    root: Path, manifest_path: Path, report_path: Path, val_fraction: float, seed: int, max_reject_fraction: float
+    root: Path,
+    manifest_path: Path,
+    report_path: Path,
+    val_fraction: float,
+    seed: int,
+    max_reject_fraction: float,
+    show_progress: bool = False,
 ) -> dict[str, Any]:
     root = Path(root)
     if not (root / "train.txt").is_file() or not (root / "test.txt").is_file():
@@ -120,8 +144,9 @@ def build_manifest(
         for split in SPLITS:
             items = assigned.get(split, [])
             paths = [root / folder / line.filename for folder, line in items]
-            hashes = list(pool.map(_sha256, paths))
-            for idx, ((folder, line), path, digest) in enumerate(zip(items, paths, hashes)):
+            inspected = list(tqdm(pool.map(_inspect, paths), total=len(paths), desc=f"ingest {split}", unit="img",
+                                  disable=not show_progress, leave=False))  # fmt: skip
+            for idx, ((folder, line), path, (digest, header)) in enumerate(zip(items, paths, inspected)):
                 entries.append(
                     ManifestEntry(
                         key=f"{split}_{idx:06d}",
@@ -133,6 +158,9 @@ def build_manifest(
                         filename=line.filename,
                         sha256=digest,
                         bytes=path.stat().st_size,
+                        width=header.width if header else None,
+                        height=header.height if header else None,
+                        format=header.format if header else None,
                     )
                 )
 

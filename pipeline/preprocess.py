@@ -1,6 +1,7 @@
 """The study's preprocessing as pure functions: array in, array out.
 
-grey (8-bit) -> crop the top rows (burned-in text) -> centre square -> bicubic
+decode (PNG/JPEG/TIFF by OpenCV/Pillow, DICOM by pipeline.dicom) -> grey
+(8-bit) -> crop the top rows (burned-in text) -> centre square -> bicubic
 resize -> optional histogram equalization. The shard stage and `predict` both
 call `preprocess_bytes` / `preprocess_array`, so training and screening can
 never drift apart.
@@ -9,12 +10,14 @@ never drift apart.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any, Literal
 
 import cv2
 import numpy as np
 from PIL import Image
 
+from pipeline.dicom import DICOM_MAGIC_OFFSET, looks_like_dicom, read_dicom_with_header
 from pipeline.errors import CxrError
 from pipeline.imageio import DecodeLimits, Header, ImageRejected, decode_with_header
 from pipeline.params import PreprocessParams
@@ -141,13 +144,20 @@ def preprocess_array(img: np.ndarray, cfg: PreprocessConfig) -> np.ndarray:
     return out
 
 
-def preprocess_bytes(data: bytes, cfg: PreprocessConfig) -> np.ndarray:
-    """Encoded image file contents -> uint8 (size, size); ImageRejected with a reason otherwise."""
-    return decode_and_preprocess(data, cfg)[1]
+def preprocess_bytes(data: bytes, cfg: PreprocessConfig, name: str = "") -> np.ndarray:
+    """Encoded image file contents -> uint8 (size, size); ImageRejected with a reason otherwise.
+
+    `name` (the file's name or path) lets a preamble-less DICOM be known by its
+    .dcm suffix; files with the DICOM magic are recognised without it.
+    """
+    return decode_and_preprocess(data, cfg, name)[1]
 
 
-def decode_and_preprocess(data: bytes, cfg: PreprocessConfig) -> tuple[Header, np.ndarray]:
+def decode_and_preprocess(data: bytes, cfg: PreprocessConfig, name: str = "") -> tuple[Header, np.ndarray]:
     """`preprocess_bytes` that also returns the source header (original width/height, format)."""
-    reduce_to = (cfg.top_crop, cfg.size) if cfg.reduced_decode else None
-    header, image = decode_with_header(data, cfg.limits, reduce_to)
+    if looks_like_dicom(Path(name), data[:DICOM_MAGIC_OFFSET + 4]):
+        header, image = read_dicom_with_header(data, cfg.limits)
+    else:
+        reduce_to = (cfg.top_crop, cfg.size) if cfg.reduced_decode else None
+        header, image = decode_with_header(data, cfg.limits, reduce_to)
     return header, preprocess_array(image, cfg)

@@ -56,7 +56,7 @@ def process_one(task: ShardTask) -> ShardResult:
     if hashlib.sha256(data).hexdigest() != task.entry.sha256:
         return ShardResult(task.entry, None, reason="file changed since ingest (sha256 mismatch): rerun ingest")
     try:
-        header, image = decode_and_preprocess(data, task.cfg)
+        header, image = decode_and_preprocess(data, task.cfg, task.path)
     except ImageRejected as exc:
         return ShardResult(task.entry, None, reason=str(exc))
     ok, png = cv2.imencode(".png", image, PNG_PARAMS)

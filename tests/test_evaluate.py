@@ -216,3 +216,22 @@ def test_external_items_reject_duplicates_escapes_and_bad_lines(tmp_path):
     assert items[0]["path"] == tmp_path / "test" / "a.b.png"
     reasons = " | ".join(r["reason"] for r in rejects)
     assert len(rejects) == 3 and "duplicate" in reasons and "escapes" in reasons
+
+
+def test_external_root_may_name_compressed_dicom(tmp_path, external):
+    from pydicom.uid import JPEG2000Lossless
+
+    from tests.test_dicom import pydicom_encoded
+
+    root, ckpt = external
+    lines = (root / "test.txt").read_text().splitlines()
+    patient, name, label, source = lines[0].rsplit(" ", 3)
+    pixels = cv2.imread(str(root / "test" / name), cv2.IMREAD_GRAYSCALE)
+    (root / "test" / name).unlink()
+    (root / "test" / "scan.dcm").write_bytes(pydicom_encoded(JPEG2000Lossless, pixels, 8))
+    lines[0] = f"{patient} scan.dcm {label} {source}"
+    (root / "test.txt").write_text("\n".join(lines) + "\n")
+    result = _external_cli(ckpt, root, tmp_path / "external.json", tmp_path)
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "external.json").read_text())
+    assert report["n_test"] == len(lines) and report["dataset"]["reject_count"] == 0

@@ -197,3 +197,37 @@ def test_reduced_decoding_stays_within_1_5_grey_levels_on_real_jpegs(covidx_mini
         data = path.read_bytes()
         diffs.append(np.abs(preprocess_bytes(data, full).astype(float) - preprocess_bytes(data, fast)).mean())
     assert np.mean(diffs) <= 1.5, f"mean abs difference {np.mean(diffs):.2f} grey levels"
+
+
+def test_label_files_may_name_dicom_files_compressed_as_pacs_exports_them(tmp_path):
+    from pydicom.uid import JPEGLSLossless, RLELossless
+
+    from tests.test_dicom import pydicom_encoded
+
+    root = make_dataset(tmp_path / "ds", n=8)
+    lines = (root / "train.txt").read_text().splitlines()
+    expected = {}
+    for i, syntax in ((0, RLELossless), (1, JPEGLSLossless)):
+        patient, pid, number, name, label, source = lines[i].split()
+        pixels = cv2.imread(str(root / "train" / name), cv2.IMREAD_GRAYSCALE)
+        pixels[-1, 0], pixels[-1, -1] = 0, 255  # without a VOI window a DICOM is stretched over its own range
+        (root / "train" / name).unlink()
+        dcm = name.rsplit(".", 1)[0] + ".dcm"
+        (root / "train" / dcm).write_bytes(pydicom_encoded(syntax, pixels, 8))
+        lines[i] = " ".join((patient, pid, number, dcm, label, source))
+        expected[dcm] = pixels
+    (root / "train.txt").write_text("\n".join(lines) + "\n")
+    summary = shard(root, tmp_path / "out", variant="plain")
+    assert summary["reject_count"] == 0, summary["rejects"]
+    manifest = [json.loads(line) for line in (tmp_path / "m.jsonl").read_text().splitlines()]
+    sizes = {e["filename"]: (e["format"], e["width"], e["height"]) for e in manifest}
+    cfg = PreprocessConfig.for_variant(PARAMS.preprocess, "plain")
+    _, samples = read_all(tmp_path / "out")
+    by_name = {json.loads(s["json"])["filename"]: s for _, s in samples.values()}
+    for dcm, pixels in expected.items():
+        assert sizes[dcm] == ("DICOM", pixels.shape[1], pixels.shape[0])
+        stored = cv2.imdecode(np.frombuffer(by_name[dcm]["png"], np.uint8), cv2.IMREAD_GRAYSCALE)
+        as_png = preprocess_bytes(cv2.imencode(".png", pixels)[1].tobytes(), cfg)
+        np.testing.assert_array_equal(stored, as_png)  # 8-bit MONOCHROME2 without VOI: the same picture
+    png_entry = next(e for e in manifest if e["filename"].endswith(".png"))
+    assert png_entry["format"] == "PNG" and png_entry["width"] >= 260

@@ -179,7 +179,7 @@ def _load_external(item: dict[str, Any], cfg: PreprocessConfig) -> np.ndarray | 
     except OSError as exc:
         return f"cannot read {item['path']}: {exc.strerror or exc}"
     try:
-        return preprocess_bytes(data, cfg)
+        return preprocess_bytes(data, cfg, str(item["path"]))
     except ImageRejected as exc:
         return str(exc)
 

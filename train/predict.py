@@ -27,9 +27,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from pipeline.dicom import DICOM_SUFFIXES, looks_like_dicom, read_dicom
+from pipeline.dicom import DICOM_SUFFIXES, looks_like_dicom
 from pipeline.errors import CxrError
-from pipeline.preprocess import PreprocessConfig, preprocess_array, preprocess_bytes
+from pipeline.preprocess import PreprocessConfig, preprocess_bytes
 from pipeline.shard_format import CLASS_NAMES
 from train.checkpoint import load_checkpoint
 from train.gradcam import gradcam_heatmaps, write_overlay
@@ -110,9 +110,7 @@ def load_image(path: Path, cfg: PreprocessConfig) -> np.ndarray:
         data = path.read_bytes()
     except OSError as exc:
         raise CxrError(f"cannot read file: {exc.strerror or exc}") from None
-    if looks_like_dicom(path, data[:132]):
-        return preprocess_array(read_dicom(data, cfg.limits), cfg)
-    return preprocess_bytes(data, cfg)
+    return preprocess_bytes(data, cfg, str(path))
 
 
 def _load_or_reason(path: Path, cfg: PreprocessConfig) -> np.ndarray | str:
