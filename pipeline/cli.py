@@ -29,11 +29,38 @@ from pipeline.params import Params, load_params  # noqa: E402
 
 app = typer.Typer(
     name="cxr",
-    help="Screen chest X-rays for COVID-19: COVIDx -> manifest -> shards -> model -> metrics.",
+    help="Screen chest X-rays for COVID-19: COVIDx -> manifest -> shards -> model -> metrics.\n\n"
+    "New here? `dvc repro` runs the whole pipeline on a synthetic sample; `dvc plots show` draws its figures; "
+    "`cxr predict scans/ --heatmaps heatmaps/` screens your own images.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
 )
+
+STAGES = "Pipeline stages (each is one dvc.yaml stage; `dvc repro` runs them all)"
+SCREENING = "Screening and reporting"
+BENCHMARKS = "Benchmarks"
+
+
+def _version(value: bool) -> None:
+    if value:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            typer.echo(f"cxr-screen {version('cxr-screen')}")
+        except PackageNotFoundError:  # run from a checkout that was never pip-installed
+            typer.echo("cxr-screen (not installed: run `pip install -e .`)")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit")
+    ] = False,
+) -> None:
+    pass
+
 
 ParamsOpt = Annotated[Path, typer.Option("--params", help="params.yaml to read (read once, strictly)")]
 
@@ -60,7 +87,7 @@ def _echo_json(obj) -> None:
     typer.echo(json.dumps(obj, indent=1, sort_keys=True))
 
 
-@app.command()
+@app.command(rich_help_panel=STAGES)
 @_fail_cleanly
 def sample(
     out: Annotated[Path, typer.Option(help="Where to write the synthetic COVIDx-layout dataset")] = Path("data/sample"),
@@ -76,7 +103,7 @@ def sample(
     _echo_json(generate_sample(out, p.sample.train_per_class, p.sample.test_per_class, p.seed))
 
 
-@app.command()
+@app.command(rich_help_panel=STAGES)
 @_fail_cleanly
 def ingest(
     root: Annotated[
@@ -109,7 +136,7 @@ def ingest(
     _echo_json(summary)
 
 
-@app.command()
+@app.command(rich_help_panel=STAGES)
 @_fail_cleanly
 def shard(
     equalize: Annotated[
@@ -152,7 +179,7 @@ def shard(
     _echo_json({k: summary[k] for k in ("variant", "counts", "reject_count")})
 
 
-@app.command("bench-preprocess")
+@app.command("bench-preprocess", rich_help_panel=BENCHMARKS)
 @_fail_cleanly
 def bench_preprocess(
     root: Annotated[Path, typer.Option(help="COVIDx-layout dataset root to benchmark on")] = Path("../shared/covidx-mini"),
@@ -172,7 +199,7 @@ def bench_preprocess(
 # ---- commands: train (owner: train/trainer.py) ----
 
 
-@app.command()
+@app.command(rich_help_panel=STAGES)
 @_fail_cleanly
 def train(
     shards: Annotated[
@@ -202,7 +229,7 @@ def train(
         _echo_json({k: v for k, v in result.items() if k != "history"})
 
 
-@app.command("bench-train")
+@app.command("bench-train", rich_help_panel=BENCHMARKS)
 @_fail_cleanly
 def bench_train(
     shards: Annotated[
@@ -248,7 +275,7 @@ def bench_train(
 # ---- commands: evaluate, latency, report (owner: train/evaluate.py, train/latency.py, train/report.py + runs.py) ----
 
 
-@app.command()
+@app.command(rich_help_panel=STAGES)
 @_fail_cleanly
 def evaluate(
     model: Annotated[Path, typer.Option(help="Checkpoint to evaluate (rebuilt from its own meta)")] = Path(
@@ -270,6 +297,11 @@ def evaluate(
         Optional[Path],
         typer.Option(help="Directory for roc.json, pr.json, confusion.csv (default: metrics/plots; with --root none)"),
     ] = None,
+    figures: Annotated[
+        Optional[Path],
+        typer.Option(help="Directory for Fig. 8, misclassified test images with Grad-CAM (default: metrics/figures; "
+                     "with --root none)"),  # fmt: skip
+    ] = None,
     params: ParamsOpt = Path("params.yaml"),
 ) -> None:
     """Score a checkpoint on the test and validation shards, or on an external dataset's test split.
@@ -286,6 +318,7 @@ def evaluate(
         result = evaluate_shards(model, shards, p.evaluate, p.seed, p.train.num_workers)
         predictions = predictions or Path("metrics/predictions_test.csv")
         plots = plots or Path("metrics/plots")
+        figures = figures or Path("metrics/figures")
     else:
         if shards is not None:
             raise CxrError("pass either --shards or --root, not both")
@@ -294,6 +327,12 @@ def evaluate(
             model, items, rejects, p.evaluate, p.seed, p.data.max_reject_fraction, p.train.num_workers, str(root)
         )
     write_outputs(result, out, predictions, plots)
+    if figures is not None:
+        if root is not None:
+            raise CxrError("--figures draws shard images; with --root there are none (drop --figures)")
+        from train.misclassified import FIGURE_NAME, evaluate_figure
+
+        evaluate_figure(model, result, figures / FIGURE_NAME)
     r = result.report
     _echo_json(
         {
@@ -308,9 +347,30 @@ def evaluate(
             "specificity": r["specificity"],
         }
     )
+    typer.echo(_evaluation_summary(r, out), err=True)
 
 
-@app.command()
+def _evaluation_summary(r: dict, out: Path) -> str:
+    """A few lines a person reads, beside the JSON a machine reads (stderr, so stdout stays JSON)."""
+
+    def pct(block) -> str:
+        value = block.get("value") if isinstance(block, dict) else block
+        return "n/a" if value is None else f"{100 * value:.1f}%"
+
+    c = r.get("confusion", {})
+    auc = "n/a" if r.get("roc_auc") is None else f"{r['roc_auc']:.3f}"
+    ci = r.get("roc_auc_ci95")
+    auc += f" (95% CI {ci[0]:.3f}-{ci[1]:.3f})" if ci else ""
+    return "\n".join([
+        f"{r['model']['name']}/{r['model']['variant']} on {r['n_test']} test images, threshold "
+        f"{r['threshold']['value']:.3g} (chosen on validation by {r['threshold'].get('rule', '?')}):",
+        f"  sensitivity {pct(r.get('sensitivity'))}  specificity {pct(r.get('specificity'))}  "
+        f"accuracy {pct(r.get('accuracy'))}  ROC AUC {auc}",
+        f"  missed COVID-19 (FN) {c.get('fn', '?')}, false alarms (FP) {c.get('fp', '?')}; details in {out}",
+    ])  # fmt: skip
+
+
+@app.command(rich_help_panel=STAGES)
 @_fail_cleanly
 def latency(
     model: Annotated[Path, typer.Option(help="Checkpoint whose network is timed")] = Path("models/best.pt"),
@@ -336,7 +396,49 @@ def latency(
     _echo_json({k: report.get(k) for k in keys})
 
 
-@app.command()
+@app.command(rich_help_panel=STAGES)
+@_fail_cleanly
+def figures(
+    manifest: Annotated[Path, typer.Option(help="Manifest written by `ingest` (with each image's header size)")] = Path(
+        "data/manifest.jsonl"
+    ),
+    ingest_report: Annotated[Path, typer.Option(help="Ingest report (gives the dataset root)")] = Path(
+        "data/ingest.json"
+    ),
+    shards: Annotated[Path, typer.Option(help="Folder holding the plain/ and equalized/ shard variants")] = Path(
+        "shards"
+    ),
+    out: Annotated[Path, typer.Option(help="Folder for the figure PNGs")] = Path("figures"),
+    per_split: Annotated[int, typer.Option(help="Examples per class and split in Figs. 2-3")] = 2,
+    sheet: Annotated[int, typer.Option(help="Images on each contact sheet")] = 36,
+) -> None:
+    """The study's data figures from your data: Fig. 1 (image sizes), Figs. 2-3 (examples), contact sheets.
+
+    Reads: the manifest, the ingest report, the raw images it names and both shard variants.
+    Writes: OUT/fig1_dimensions.png, OUT/fig2_negative_examples.png, OUT/fig3_positive_examples.png,
+    OUT/contact_sheet_plain.png, OUT/contact_sheet_equalized.png (`dvc plots show` renders them).
+    """
+    from pipeline.figures import write_data_figures
+
+    _echo_json(write_data_figures(manifest, ingest_report, shards, out, per_split=per_split, sheet=sheet))
+
+
+@app.command(rich_help_panel=STAGES)
+@_fail_cleanly
+def curves(
+    live: Annotated[Path, typer.Option(help="dvclive folder written by `train`")] = Path("dvclive"),
+    out: Annotated[Path, typer.Option(help="PNG to write")] = Path("figures/training_curves.png"),
+) -> None:
+    """Training curves: train and validation loss on one chart, validation ROC AUC beside it.
+
+    Reads: LIVE/plots/metrics/*.tsv (one row per epoch). Writes: OUT.
+    """
+    from pipeline.figures import training_curves
+
+    typer.echo(str(training_curves(live, out)))
+
+
+@app.command(rich_help_panel=SCREENING)
 @_fail_cleanly
 def report(
     out: Annotated[Path, typer.Option(help="Markdown tables to write")] = Path("reports/tables.md"),
@@ -373,7 +475,7 @@ def report(
 # ---- commands: predict, export (owner: train/predict.py, train/export.py) ----
 
 
-@app.command()
+@app.command(rich_help_panel=SCREENING)
 @_fail_cleanly
 def predict(
     inputs: Annotated[
@@ -435,7 +537,7 @@ def predict(
         raise typer.Exit(code=2)
 
 
-@app.command()
+@app.command(rich_help_panel=SCREENING)
 @_fail_cleanly
 def export(
     model: Annotated[Path, typer.Option(help="Checkpoint to export")] = Path("models/best.pt"),
@@ -463,6 +565,11 @@ def export(
     _echo_json({"out": str(path), "model": meta["model"], "variant": meta["variant"],
                 "checkpoint_sha256": meta["checkpoint_sha256"], **meta["onnx"]})  # fmt: skip
 
+
+
+# Help panels list in order of first use: stages, then screening, then benchmarks.
+_PANEL_ORDER = (STAGES, SCREENING, BENCHMARKS)
+app.registered_commands.sort(key=lambda cmd: _PANEL_ORDER.index(cmd.rich_help_panel))
 
 
 def main() -> None:

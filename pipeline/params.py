@@ -171,7 +171,7 @@ def params_from_dict(raw: dict[str, Any]) -> Params:
 def load_params(path: Path | str = "params.yaml") -> Params:
     path = Path(path)
     if not path.is_file():
-        raise CxrError(f"params file not found: {path}")
+        raise CxrError(f"params file not found: {path}: run from the repository root or pass --params PATH")
     try:
         raw = yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:

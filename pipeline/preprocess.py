@@ -155,9 +155,15 @@ def preprocess_bytes(data: bytes, cfg: PreprocessConfig, name: str = "") -> np.n
 
 def decode_and_preprocess(data: bytes, cfg: PreprocessConfig, name: str = "") -> tuple[Header, np.ndarray]:
     """`preprocess_bytes` that also returns the source header (original width/height, format)."""
-    if looks_like_dicom(Path(name), data[:DICOM_MAGIC_OFFSET + 4]):
-        header, image = read_dicom_with_header(data, cfg.limits)
-    else:
-        reduce_to = (cfg.top_crop, cfg.size) if cfg.reduced_decode else None
-        header, image = decode_with_header(data, cfg.limits, reduce_to)
+    reduce_to = (cfg.top_crop, cfg.size) if cfg.reduced_decode else None
+    header, image = decode_image(data, cfg.limits, name, reduce_to)
     return header, preprocess_array(image, cfg)
+
+
+def decode_image(
+    data: bytes, limits: DecodeLimits, name: str = "", reduce_to: tuple[float, int] | None = None
+) -> tuple[Header, np.ndarray]:
+    """Any input file's bytes -> (header, decoded array): DICOM by pipeline.dicom, the rest by imageio."""
+    if looks_like_dicom(Path(name), data[: DICOM_MAGIC_OFFSET + 4]):
+        return read_dicom_with_header(data, limits)
+    return decode_with_header(data, limits, reduce_to)

@@ -70,13 +70,15 @@ STAGE_MODULES = {
     "ingest": "pipeline.manifest",
     "shard": "pipeline.shards",
     "train": "train.trainer",
-    "evaluate": "train.evaluate",
+    "evaluate": "train.evaluate,train.misclassified",
     "latency": "train.latency",
+    "figures": "pipeline.figures",
+    "curves": "pipeline.figures",
 }
 
 
 def test_each_stage_lists_all_the_code_it_runs():
-    probe = "import importlib, sys; importlib.import_module(sys.argv[1]); print(' '.join(sys.modules))"
+    probe = "import importlib, sys; [importlib.import_module(m) for m in sys.argv[1].split(',')]; print(' '.join(sys.modules))"
     for name, stage in stages():
         base = name.split("@")[0]
         loaded = subprocess.run([sys.executable, "-c", probe, STAGE_MODULES[base]], cwd=REPO, check=True,
@@ -89,5 +91,5 @@ def test_each_stage_lists_all_the_code_it_runs():
 
 def test_outputs_are_git_ignored_not_committed():
     ignored = (REPO / ".gitignore").read_text()
-    for top in ("/data/", "/shards/*", "/models/", "/metrics/"):
+    for top in ("/data/", "/shards/*", "/models/", "/metrics/", "/figures/"):
         assert top in ignored

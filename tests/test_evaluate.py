@@ -93,12 +93,14 @@ def tiny(tmp_path):
 def test_evaluate_cli_writes_every_required_key(tmp_path, tiny):
     shards, ckpt = tiny
     out, preds, plots = tmp_path / "m" / "eval.json", tmp_path / "m" / "pred.csv", tmp_path / "m" / "plots"
+    figures = tmp_path / "m" / "figures"
     result = CliRunner().invoke(
         app,
         ["evaluate", "--model", str(ckpt), "--shards", str(shards), "--out", str(out), "--predictions", str(preds),
-         "--plots", str(plots), "--params", str(_params_file(tmp_path))],  # fmt: skip
+         "--plots", str(plots), "--figures", str(figures), "--params", str(_params_file(tmp_path))],  # fmt: skip
     )
     assert result.exit_code == 0, result.output
+    assert "sensitivity" in result.output and "missed COVID-19 (FN)" in result.output  # the human summary
     report = json.loads(out.read_text())
     for key in REQUIRED:
         _dig(report, key)
@@ -118,6 +120,14 @@ def test_evaluate_cli_writes_every_required_key(tmp_path, tiny):
     assert {"recall", "precision"} <= set(json.loads((plots / "pr.json").read_text())[0])
     confusion = (plots / "confusion.csv").read_text().splitlines()
     assert confusion[0] == "actual,predicted" and len(confusion) == 9
+
+    # Fig. 8: one row per shown miss (at most 4 FN + 4 FP), image + Grad-CAM overlay.
+    from tests.test_figures import assert_picture
+    from train.misclassified import FIGURE_NAME
+
+    shown = min(4, report["confusion"]["fn"]) + min(4, report["confusion"]["fp"])
+    assert shown > 0  # an untrained net on 8 images: something is wrong
+    assert_picture(figures / FIGURE_NAME, (520, int(round(100 * (2.4 * shown + 0.8)))), ink=0.2)
 
 
 def test_val_metrics_are_the_val_split(tmp_path):

@@ -111,7 +111,10 @@ def save_checkpoint(
 def load_checkpoint(path: Path | str) -> Checkpoint:
     path = Path(path)
     if not path.is_file():
-        raise CxrError(f"checkpoint not found: {path}")
+        raise CxrError(
+            f"checkpoint not found: {path}. Train one with `dvc repro` (the whole pipeline) or `cxr train`, "
+            "or pass --model PATH to an existing checkpoint"
+        )
     try:
         raw = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises several types for corrupt or unsafe files

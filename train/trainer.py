@@ -16,12 +16,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
+from sklearn.metrics import roc_auc_score
 from torch.nn.parallel import DistributedDataParallel
 
 from pipeline.errors import CxrError
@@ -108,9 +110,15 @@ def _open_live(live_dir: Path, history: list[dict[str, float]]):
     return live
 
 
+def _auc(labels, probs) -> float:
+    """Validation ROC AUC for the training curves; NaN (not logged) when the split holds one class."""
+    return float(roc_auc_score(labels, probs)) if len(set(labels.tolist())) == 2 else float("nan")
+
+
 def _log_epoch(live, record: dict[str, float]) -> None:
-    for name in ("train_loss", "val_loss", "val_accuracy", "lr", "images_per_s", "data_wait_fraction"):
-        live.log_metric(name, record[name])
+    for name in ("train_loss", "val_loss", "val_accuracy", "val_auc", "lr", "images_per_s", "data_wait_fraction"):
+        if name in record and math.isfinite(record[name]):  # val_auc: absent in runs resumed from older code
+            live.log_metric(name, record[name])
     live.log_metric("best_val_loss", record["best_val_loss"], plot=False)
     live.next_step()
 
@@ -181,7 +189,7 @@ def _train(params: Params, summary: ShardSummary, out_dir: Path, live_dir: Path,
         rates.append(stats.images_per_s)
         val = validate(net, summary, "val", rt=rt, class_weights=class_weights,
                        batch_size=params.evaluate.batch_size, num_workers=tp.num_workers)
-        val_loss, val_accuracy = broadcast_floats(rt, [val.loss, val.accuracy])
+        val_loss, val_accuracy, val_auc = broadcast_floats(rt, [val.loss, val.accuracy, _auc(val.labels, val.probs)])
         if val_loss < state["best_val_loss"]:
             # only rank 0 writes checkpoints, so only it keeps a copy of the best weights
             best = detached_state_dict(net) if rt.is_main else None
@@ -191,6 +199,7 @@ def _train(params: Params, summary: ShardSummary, out_dir: Path, live_dir: Path,
         early = state["bad_epochs"] >= max(tp.patience, 1)
         record = {
             "epoch": epoch + 1, "train_loss": stats.loss, "val_loss": val_loss, "val_accuracy": val_accuracy,
+            "val_auc": val_auc,
             "lr": optimizer.param_groups[0]["lr"], "images_per_s": stats.images_per_s,
             "data_wait_fraction": stats.data_wait_fraction, "best_val_loss": state["best_val_loss"],
             "steps": stats.steps,
