@@ -315,7 +315,7 @@ def evaluate(
 
     p = _params(params)
     if root is None:
-        result = evaluate_shards(model, shards, p.evaluate, p.seed, p.train.num_workers)
+        result = evaluate_shards(model, shards, p.evaluate, p.seed, p.train.num_workers, show_progress=True)
         predictions = predictions or Path("metrics/predictions_test.csv")
         plots = plots or Path("metrics/plots")
         figures = figures or Path("metrics/figures")
@@ -324,7 +324,8 @@ def evaluate(
             raise CxrError("pass either --shards or --root, not both")
         items, rejects = external_test_items(root)
         result = evaluate_external(
-            model, items, rejects, p.evaluate, p.seed, p.data.max_reject_fraction, p.train.num_workers, str(root)
+            model, items, rejects, p.evaluate, p.seed, p.data.max_reject_fraction, p.train.num_workers, str(root),
+            show_progress=True,
         )
     write_outputs(result, out, predictions, plots)
     if figures is not None:

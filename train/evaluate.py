@@ -31,6 +31,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from pipeline.errors import CxrError
 from pipeline.imageio import ImageRejected
@@ -65,12 +66,16 @@ def inference_device() -> torch.device:
     return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
 
 
-def predict_batches(model: torch.nn.Module, batches: Iterable[dict[str, Any]], device: torch.device) -> Predictions:
-    """fp32 probabilities for uint8 (B, 1, H, W) batches, in the order given."""
+def predict_batches(
+    model: torch.nn.Module, batches: Iterable[dict[str, Any]], device: torch.device, progress: tqdm | None = None
+) -> Predictions:
+    """fp32 probabilities for uint8 (B, 1, H, W) batches, in the order given; `progress` counts images."""
     model = model.to(device).eval()
     keys, labels, probs, meta = [], [], [], []
     with torch.inference_mode():
         for batch in batches:
+            if progress is not None:
+                progress.update(len(batch["key"]))
             x = batch["image"].to(device, non_blocking=True).float().div_(255.0)
             probs.append(torch.sigmoid(model(x).float()).cpu().numpy())
             labels.append(batch["label"].numpy())
@@ -115,7 +120,12 @@ def _check_compatible(ckpt: Checkpoint, summary: ShardSummary) -> None:
 
 
 def evaluate_shards(
-    checkpoint_path: Path, shards_dir: Path | None, params: EvaluateParams, seed: int, num_workers: int
+    checkpoint_path: Path,
+    shards_dir: Path | None,
+    params: EvaluateParams,
+    seed: int,
+    num_workers: int,
+    show_progress: bool = False,
 ) -> EvalResult:
     """Test and validation metrics of a checkpoint on the shards of its own variant."""
     ckpt = load_checkpoint(checkpoint_path)
@@ -123,10 +133,12 @@ def evaluate_shards(
     _check_compatible(ckpt, summary)
     model, device = ckpt.build(), inference_device()
     threshold = ckpt.meta["threshold"]
-    preds = {
-        split: predict_batches(model, eval_batches(summary, split, params.batch_size, num_workers), device)
-        for split in ("test", "val")
-    }
+    preds = {}
+    for split in ("test", "val"):
+        batches = eval_batches(summary, split, params.batch_size, num_workers)
+        with tqdm(total=summary.split(split).count, desc=f"evaluate {split}", unit="img", disable=not show_progress,
+                  leave=False) as bar:  # fmt: skip
+            preds[split] = predict_batches(model, batches, device, bar)
     for split, pred in preds.items():  # eval_batches asserts this too; a metric over a partial split is wrong
         if len(pred.keys) != summary.split(split).count:
             expected = summary.split(split).count
@@ -204,6 +216,7 @@ def evaluate_external(
     max_reject_fraction: float,
     workers: int,
     root: str,
+    show_progress: bool = False,
 ) -> EvalResult:
     """Score an external test set: `items` = [{key, path, label, source, patient_id, filename}].
 
@@ -215,7 +228,8 @@ def evaluate_external(
     cfg = PreprocessConfig.from_dict(ckpt.preprocess)
     # Decoding releases the GIL (OpenCV/Pillow), so threads suffice.
     with ThreadPoolExecutor(max_workers=max(1, workers or os.cpu_count() or 1)) as pool:
-        loaded = list(pool.map(lambda item: _load_external(item, cfg), items))
+        loaded = list(tqdm(pool.map(lambda item: _load_external(item, cfg), items), total=len(items),
+                           desc="read external test images", unit="img", disable=not show_progress, leave=False))  # fmt: skip
     images = [(item, img) for item, img in zip(items, loaded) if not isinstance(img, str)]
     rejects = label_rejects + [
         {"filename": item["filename"], "reason": why} for item, why in zip(items, loaded) if isinstance(why, str)
@@ -226,7 +240,8 @@ def evaluate_external(
         raise CxrError(
             f"{root}: {len(rejects)} of {total} test images rejected (limit {max_reject_fraction:.0%}). {first}"
         )
-    pred = predict_batches(ckpt.build(), _external_batches(images, params.batch_size), inference_device())
+    with tqdm(total=len(images), desc="score external", unit="img", disable=not show_progress, leave=False) as bar:
+        pred = predict_batches(ckpt.build(), _external_batches(images, params.batch_size), inference_device(), bar)
     threshold = ckpt.meta["threshold"]
     test = split_report(pred, float(threshold["value"]), params, seed)
     n_test = test.pop("n")
