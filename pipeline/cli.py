@@ -390,7 +390,8 @@ def latency(
     from train.latency import latency_for_checkpoint
 
     p = _params(params)
-    report = latency_for_checkpoint(model, p.latency, tuple(s.strip() for s in paths.split(",") if s.strip()))
+    chosen = tuple(s.strip() for s in paths.split(",") if s.strip())
+    report = latency_for_checkpoint(model, p.latency, chosen, show_progress=True)
     write_json(out, report)
     keys = ("model", "params_m", "cpu_ms_per_image", "cpu_fastest_path", "cpu_fastest_ms_per_image", "floor_ms",
             "cpu_fastest_ratio_to_floor", "gpu_ms_per_image")  # fmt: skip
@@ -452,11 +453,22 @@ def report(
     at: Annotated[
         str, typer.Option(help="Threshold for Tables II-IV and VI: '0.5' (the study's rule) or 'operating'")
     ] = "0.5",
+    misclassified: Annotated[
+        Optional[Path],
+        typer.Option(help="Also draw Fig. 8 here: test images wrong for every model of the set, with each "
+                     "model's Grad-CAM (needs each run's predictions and best.pt)"),  # fmt: skip
+    ] = None,
+    shards_root: Annotated[
+        Path, typer.Option(help="Folder with the plain/ and equalized/ shards the runs were evaluated on")
+    ] = Path("shards"),
 ) -> None:
     """Rebuild the study's Tables II-VII from our experiments, beside the published figures.
 
-    Reads: `dvc exp show --json` in the current repository (default), or --exp-json, or --runs.
-    Writes: OUT (Markdown; each cell tagged with the experiment or publication it came from).
+    Reads: `dvc exp show --json` in the current repository (default), or --exp-json, or --runs; with
+    --misclassified also each run's predictions and checkpoint (from the DVC cache, or best.pt and
+    predictions_test.csv in its --runs folder) and the test shards.
+    Writes: OUT (Markdown; each cell tagged with the experiment or publication it came from) and, with
+    --misclassified, that PNG (Fig. 8 over the experiment set).
     """
     from train.report import load_published, write_report
     from train.runs import exp_show_json, runs_from_dir, runs_from_exp_show
@@ -470,7 +482,16 @@ def report(
         data = json.loads(exp_json.read_text()) if exp_json is not None else exp_show_json(Path.cwd())
         found, skipped = runs_from_exp_show(data, eval_file, latency_file)
     write_report(found, out, load_published(), at, skipped)
-    _echo_json({"out": str(out), "runs": [f"{r.label}: {r.model}/{r.variant}" for r in found], "skipped": skipped})
+    summary = {"out": str(out), "runs": [f"{r.label}: {r.model}/{r.variant}" for r in found], "skipped": skipped}
+    if misclassified is not None:
+        from train.misclassified import report_figure
+        from train.runs import best_by_pair
+
+        # The runs the tables show: per (model, variant), the best by validation.
+        shown = sorted(best_by_pair(found).values(), key=lambda r: (r.model, r.variant))
+        summary["misclassified"] = {"out": str(misclassified),
+                                    **report_figure(shown, Path.cwd(), shards_root, misclassified)}  # fmt: skip
+    _echo_json(summary)
 
 
 # ---- commands: predict, export (owner: train/predict.py, train/export.py) ----
@@ -561,7 +582,7 @@ def export(
     from train.export import export_onnx, onnx_meta, onnx_session, shard_test_images
 
     images = shard_test_images(verify_shards, verify_count) if verify_shards is not None else None
-    path = export_onnx(model, out, verify_images=images, tolerance=tolerance)
+    path = export_onnx(model, out, verify_images=images, tolerance=tolerance, show_progress=True)
     meta = onnx_meta(onnx_session(path, providers=["CPUExecutionProvider"]), path)
     _echo_json({"out": str(path), "model": meta["model"], "variant": meta["variant"],
                 "checkpoint_sha256": meta["checkpoint_sha256"], **meta["onnx"]})  # fmt: skip

@@ -154,9 +154,11 @@ def examples_figure(
 
 def contact_sheet(images: list[np.ndarray], labels: list[int], variant: str, out: Path) -> Path:
     """skimage's montage of a variant's images, each tagged N/P in its corner."""
-    sheet = util.montage(np.stack(images), fill=0, padding_width=2)
-    side, per_row = images[0].shape[0] + 2, int(np.ceil(np.sqrt(len(images))))
-    fig = Figure(figsize=(10.0, 10.6), layout="constrained")
+    per_row = int(np.ceil(np.sqrt(len(images))))
+    rows = -(-len(images) // per_row)
+    sheet = util.montage(np.stack(images), fill=0, padding_width=2, grid_shape=(rows, per_row))
+    side = images[0].shape[0] + 2
+    fig = Figure(figsize=(10.0, TITLE_IN + 10.0 * rows / per_row), layout="constrained")
     ax = fig.subplots()
     ax.imshow(sheet, cmap="gray", vmin=0, vmax=255)
     for i, label in enumerate(labels):

@@ -169,7 +169,7 @@ def test_export_cli_verifies_on_shard_test_images(tmp_path):
     args = ["export", "--model", str(ckpt), "--out", str(out), "--verify-shards", str(shards), "--verify-count", "5"]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
-    report = json.loads(result.output)
+    report = json.loads(result.stdout)  # progress and notes go to stderr
     assert report["checkpoint_sha256"] == load_checkpoint(ckpt).file_sha256()
     assert report["verification"]["inputs"] == 1 + 3 + 5  # two random batches + 5 of the 6 test images
     assert report["verification"]["max_abs_diff_probability"] <= TOLERANCE

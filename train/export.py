@@ -32,6 +32,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import torch
+from tqdm import tqdm
 
 from pipeline.errors import CxrError
 from pipeline.shard_format import read_summary
@@ -56,6 +57,7 @@ def export_onnx(
     out_path: Path | str,
     verify_images: np.ndarray | None = None,
     tolerance: float = TOLERANCE,
+    show_progress: bool = False,
 ) -> Path:
     """Export `checkpoint` to `out_path` (one self-contained .onnx file) and verify it.
 
@@ -72,12 +74,18 @@ def export_onnx(
 
     out_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_path.with_name(out_path.name + ".tmp")
+    # A step bar: tracing a large network takes tens of seconds on a CPU, and so does the check.
+    bar = tqdm(total=3, desc=f"export {ckpt.model_name}", unit="step", disable=not show_progress, leave=False)
     try:
+        bar.set_postfix_str("tracing to ONNX")
         start = time.perf_counter()
         exporter = _export(model, example, tmp)
         seconds = time.perf_counter() - start
+        bar.update()
+        bar.set_postfix_str("checking onnxruntime against PyTorch")
         session = onnx_session(tmp, providers=["CPUExecutionProvider"])
         verification = verify(model, session, size, verify_images, tolerance)
+        bar.update()
         meta = {
             **ckpt.meta,
             "checkpoint_file": ckpt.path.name,
@@ -88,7 +96,9 @@ def export_onnx(
         }  # fmt: skip
         _write_metadata(tmp, meta)
         os.replace(tmp, out_path)
+        bar.update()
     finally:
+        bar.close()
         tmp.unlink(missing_ok=True)
     log.info("exported %s with %s in %.1f s to %s: %s", ckpt.model_name, exporter, seconds, out_path, verification)
     return out_path

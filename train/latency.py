@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from pipeline.errors import CxrError
 from pipeline.params import LatencyParams
@@ -113,7 +114,9 @@ def _compile_fn(model: torch.nn.Module) -> Callable[[torch.Tensor], np.ndarray]:
     return run
 
 
-def cpu_paths(model: ScreeningNet, input_size: int, params: LatencyParams, paths: tuple[str, ...]) -> dict[str, Any]:
+def cpu_paths(
+    model: ScreeningNet, input_size: int, params: LatencyParams, paths: tuple[str, ...], show_progress: bool = False
+) -> dict[str, Any]:
     unknown = [p for p in paths if p not in CPU_PATHS]
     if unknown or "eager" not in paths:
         raise CxrError(f"latency paths must include eager and come from {', '.join(CPU_PATHS)}; got {list(paths)}")
@@ -130,7 +133,8 @@ def cpu_paths(model: ScreeningNet, input_size: int, params: LatencyParams, paths
             "onnxruntime": lambda: _onnxruntime_fn(model, x1, threads, Path(tmp)),
             "compile": lambda: _compile_fn(model),  # static shapes: batch 1 and batch N compile separately
         }
-        for name in paths:
+        # One tick per path, outside the timed runs: a bar redrawn inside them would be timed too.
+        for name in tqdm(paths, desc="latency (CPU paths)", unit="path", disable=not show_progress, leave=False):
             try:
                 results[name] = _path_result(builders[name](), x1, xb, reference, params)
             except Exception as exc:  # an optional backend failing must not hide the eager numbers
@@ -170,7 +174,11 @@ def cuda_timing(model: ScreeningNet, input_size: int, params: LatencyParams) -> 
 
 
 def measure_latency(
-    model: ScreeningNet, input_size: int, params: LatencyParams, paths: tuple[str, ...] = ("eager", "onnxruntime")
+    model: ScreeningNet,
+    input_size: int,
+    params: LatencyParams,
+    paths: tuple[str, ...] = ("eager", "onnxruntime"),
+    show_progress: bool = False,
 ) -> dict[str, Any]:
     """All latency figures for one model; `paths` are the CPU paths to time next to eager."""
     if params.warmup < 0 or params.runs < 1 or params.batch < 1 or params.threads < 0:
@@ -184,7 +192,7 @@ def measure_latency(
     probe = peak_gflops(runs=5, threads=threads)
     peak = probe.pop("peak")
     floor_ms = flops / (peak * 1e9) * 1e3
-    paths_out = cpu_paths(model, input_size, params, paths)
+    paths_out = cpu_paths(model, input_size, params, paths, show_progress)
     for entry in paths_out.values():
         if "ms_per_image" in entry:
             entry["ratio_to_floor"] = entry["ms_per_image"] / floor_ms
@@ -223,10 +231,12 @@ def measure_latency(
     }
 
 
-def latency_for_checkpoint(checkpoint_path: Path, params: LatencyParams, paths: tuple[str, ...]) -> dict[str, Any]:
+def latency_for_checkpoint(
+    checkpoint_path: Path, params: LatencyParams, paths: tuple[str, ...], show_progress: bool = False
+) -> dict[str, Any]:
     """Latency of the network a checkpoint describes (its weights do not change the cost)."""
     ckpt = load_checkpoint(checkpoint_path)
-    report = measure_latency(ckpt.build(), ckpt.input_size, params, paths)
+    report = measure_latency(ckpt.build(), ckpt.input_size, params, paths, show_progress)
     report["variant"] = ckpt.variant
     report["checkpoint_sha256"] = ckpt.file_sha256()
     return report

@@ -9,18 +9,27 @@ each kind; the images are the shard images the models actually saw.
 
 from __future__ import annotations
 
+import csv
+import io
+import tempfile
 import textwrap
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from matplotlib.figure import Figure
 
+from pipeline.errors import CxrError
 from pipeline.figures import save_figure, shard_images
 from pipeline.shard_format import read_summary
+from train.checkpoint import load_checkpoint
 from train.gradcam import gradcam_heatmaps, overlay
+
+if TYPE_CHECKING:
+    from train.runs import Run
 
 FIGURE_NAME = "fig8_misclassified.png"
 CELL_IN = 2.4  # inches per image cell
@@ -66,7 +75,7 @@ def draw(misses: list[Miss], images: dict[str, np.ndarray], overlays: list[dict[
         row[0].set_title(f"{miss.kind} · {miss.caption[:30]}", fontsize=8)
         for ax, name, maps, prob in zip(row[1:], model_names, overlays, miss.probs):
             ax.imshow(maps[miss.key])
-            ax.set_title(f"{name}: P(COVID)={prob:.2f}", fontsize=8)
+            ax.set_title(f"{name}\nP(COVID-19) = {prob:.2f}", fontsize=8)
         for ax in row:
             ax.set_xticks([])
             ax.set_yticks([])
@@ -101,11 +110,56 @@ def model_figure(model: torch.nn.Module, name: str, shards_dir: Path, keys: Sequ
 
 def evaluate_figure(checkpoint_path: Path, result, out: Path, device: torch.device | None = None) -> Path:
     """Fig. 8 for an `evaluate_shards` result (train.evaluate.EvalResult) of the checkpoint at `checkpoint_path`."""
-    from train.checkpoint import load_checkpoint
-
     ckpt = load_checkpoint(checkpoint_path)
     test = result.test
     captions = [f"{m.get('source', '')} {m.get('filename', '')}".strip() for m in test.meta]
     threshold = float(result.report["threshold"]["value"])
     return model_figure(ckpt.build(), ckpt.model_name, Path(result.report["shards"]), test.keys, test.labels,
                         test.probs, threshold, captions, out, device=device)  # fmt: skip
+
+
+def _predictions(data: bytes, label: str) -> dict[str, dict[str, str]]:
+    rows = list(csv.DictReader(io.StringIO(data.decode())))
+    if not rows or not {"key", "label", "probability"} <= set(rows[0]):
+        raise CxrError(f"run {label}: its predictions CSV lacks key/label/probability columns")
+    return {r["key"]: r for r in rows}
+
+
+def report_figure(runs: Sequence["Run"], repo: Path, shards_root: Path, out: Path, per_kind: int = 4,
+                  device: torch.device | None = None) -> dict[str, int]:  # fmt: skip
+    """The study's Fig. 8 over an experiment set: test images wrong for EVERY run, one Grad-CAM per run.
+
+    Each run's overlay is drawn on the shard image of its own variant (what
+    that model saw); the first column shows the equalized image, as the study's.
+    """
+    # Imported here: the evaluate stage runs this module but not the report's run collection.
+    from train.runs import get, run_artifact
+
+    if not runs:
+        raise CxrError("no runs with evaluation metrics to compare")
+    device = device or torch.device("cpu")
+    preds = [_predictions(run_artifact(run, "predictions", repo), run.label) for run in runs]
+    keys = sorted(preds[0])
+    if any(set(p) != set(keys) for p in preds[1:]):
+        raise CxrError("the runs were evaluated on different test sets (their prediction keys differ)")
+    labels = np.array([int(preds[0][k]["label"]) for k in keys])
+    probs = np.array([[float(p[k]["probability"]) for k in keys] for p in preds])
+    thresholds = [float(get(run.eval, "threshold.value")) for run in runs]
+    captions = [f"{preds[0][k].get('source', '')} {preds[0][k].get('filename', '')}".strip() for k in keys]
+    misses = select_misses(keys, labels, probs, thresholds, captions, per_kind)
+    wanted = {m.key for m in misses}
+    variants = {run.variant for run in runs} | {"equalized"}
+    images = {v: shard_images(shards_root / v, wanted) for v in sorted(variants)}
+    overlays = []
+    for run in runs:
+        with tempfile.TemporaryDirectory() as tmp:  # load_checkpoint reads a file; dvc.api gives bytes
+            path = Path(tmp) / "best.pt"
+            path.write_bytes(run_artifact(run, "checkpoint", repo))
+            model = load_checkpoint(path).build()
+        overlays.append(overlays_for(model, images[run.variant], device))
+    names = [f"{run.model}/{run.variant} ({run.label})" for run in runs]
+    both = int(((probs >= np.asarray(thresholds)[:, None]) != labels.astype(bool)).all(axis=0).sum())
+    title = (f"Fig. 8: {both} of {len(keys)} test images are misclassified by all {len(runs)} models; the most "
+             "confidently wrong false negatives and false positives, with each model's Grad-CAM")  # fmt: skip
+    draw(misses, images["equalized"], overlays, names, title, out)
+    return {"images_wrong_for_every_model": both, "shown": len(misses), "models": len(runs)}

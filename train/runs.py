@@ -22,6 +22,7 @@ class Run:
     variant: str | None
     eval: dict[str, Any]
     latency: dict[str, Any]
+    directory: Path | None = None  # the run's folder, for runs read with --runs DIR
 
     @property
     def origin(self) -> str:
@@ -41,10 +42,38 @@ def get(d: Any, dotted: str) -> Any:
     return d
 
 
-def _make_run(label: str, rev: str | None, ev: dict, lat: dict, params: dict) -> Run:
+def _make_run(label: str, rev: str | None, ev: dict, lat: dict, params: dict, directory: Path | None = None) -> Run:
     model = get(ev, "model.name") or lat.get("model") or params.get("model")
     variant = get(ev, "model.variant") or lat.get("variant") or params.get("variant")
-    return Run(label, rev, model, variant, ev, lat)
+    return Run(label, rev, model, variant, ev, lat, directory)
+
+
+# A run's per-image predictions and weights: where `dvc.yaml` puts them in an
+# experiment, and their names in a --runs DIR folder.
+ARTIFACTS = {
+    "predictions": ("metrics/predictions_test.csv", "predictions_test.csv"),
+    "checkpoint": ("models/best.pt", "best.pt"),
+}
+
+
+def run_artifact(run: Run, kind: str, repo: Path) -> bytes:
+    """The bytes of a run's predictions CSV or checkpoint.
+
+    Experiments' outputs come from the DVC cache at the experiment's commit
+    (`dvc.api`), the workspace's from disk, a --runs folder's from that folder.
+    """
+    in_repo, in_dir = ARTIFACTS[kind]
+    if run.directory is not None or run.rev is None:
+        path = run.directory / in_dir if run.directory is not None else repo / in_repo
+        if not path.is_file():
+            raise CxrError(f"run {run.label}: no {path}")
+        return path.read_bytes()
+    import dvc.api
+
+    try:
+        return dvc.api.read(in_repo, repo=str(repo), rev=run.rev, mode="rb")
+    except Exception as exc:  # dvc raises several types for an output missing from the cache or the commit
+        raise CxrError(f"run {run.label}: cannot read {in_repo} at commit {run.rev[:7]}: {exc}") from None
 
 
 def runs_from_exp_show(data: list[dict], eval_name: str, latency_name: str) -> tuple[list[Run], list[str]]:
@@ -109,7 +138,7 @@ def runs_from_dir(directory: Path) -> list[Run]:
         files = {name: sub / f"{name}.json" for name in ("eval", "latency")}
         loaded = {k: json.loads(p.read_text()) for k, p in files.items() if p.is_file()}
         if loaded:
-            runs.append(_make_run(sub.name, None, loaded.get("eval", {}), loaded.get("latency", {}), {}))
+            runs.append(_make_run(sub.name, None, loaded.get("eval", {}), loaded.get("latency", {}), {}, sub))
     return runs
 
 
