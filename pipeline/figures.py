@@ -29,6 +29,7 @@ from matplotlib.figure import Figure
 from skimage import exposure, util
 
 from pipeline.errors import CxrError
+from pipeline.fileio import atomic_write_bytes
 from pipeline.imageio import DecodeLimits
 from pipeline.manifest import ManifestEntry, read_manifest
 from pipeline.preprocess import decode_image, to_grey_u8
@@ -53,9 +54,7 @@ def save_figure(fig: Figure, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=DPI)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(buf.getvalue())
-    tmp.replace(path)
+    atomic_write_bytes(path, buf.getvalue())
     return path
 
 

@@ -7,7 +7,6 @@ patient we assign can straddle train and val.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from collections import Counter, defaultdict
@@ -21,6 +20,7 @@ from tqdm import tqdm
 
 from pipeline.dicom import image_file_header
 from pipeline.errors import CxrError
+from pipeline.fileio import sha256_file
 from pipeline.imageio import Header, ImageRejected
 from pipeline.labels import LabelLine, parse_label_file
 from pipeline.shard_format import CLASS_NAMES, SPLITS
@@ -45,21 +45,13 @@ class ManifestEntry:
     format: str | None = None
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _inspect(path: Path) -> tuple[str, Header | None]:
     """sha256 of the file and its header (Fig. 1's image dimensions), or None for an unreadable header."""
     try:
         header = image_file_header(path)
     except ImageRejected:
         header = None
-    return _sha256(path), header
+    return sha256_file(path), header
 
 
 def carve_validation(lines: list[LabelLine], fraction: float, seed: int, exclude: set[str]) -> set[str]:
