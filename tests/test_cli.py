@@ -67,3 +67,31 @@ def test_ingest_then_shard_from_the_command_line(tmp_path):
     summary = json.loads((tmp_path / "shards" / "equalized" / "summary.json").read_text())
     assert summary["variant"] == "equalized" and summary["params"]["preprocess"]["equalize"] == "global"
     assert sum(summary["counts"].values()) == 12
+
+
+def test_help_groups_commands_into_panels_and_points_new_users_on():
+    result = runner.invoke(app, ["--help"], terminal_width=120)
+    assert result.exit_code == 0, result.output
+    text = result.output
+    stages, screening, benchmarks = (text.index(title) for title in ("Pipeline stages", "Screening", "Benchmarks"))
+    assert stages < screening < benchmarks
+    for name in ("ingest", "shard", "train", "evaluate", "figures", "curves"):
+        assert stages < text.index(f"│ {name} ") < screening, name
+    for name in ("predict", "export", "report"):
+        assert screening < text.index(f"│ {name} ") < benchmarks, name
+    assert benchmarks < text.index("│ bench-train ")
+    flat = " ".join(text.split())
+    assert "`dvc repro`" in flat and "`dvc plots show`" in flat
+
+
+def test_version():
+    from importlib.metadata import version
+
+    result = runner.invoke(app, ["--version"])
+    assert result.exit_code == 0 and result.output.strip() == f"cxr-screen {version('cxr-screen')}"
+
+
+def test_missing_checkpoint_says_what_to_do(tmp_path):
+    result = runner.invoke(app, ["predict", str(tmp_path), "--model", str(tmp_path / "best.pt")])
+    assert result.exit_code == 1
+    assert "dvc repro" in result.output and "--model" in result.output
