@@ -311,7 +311,13 @@ def evaluate(
     data.max_reject_fraction). Writes: OUT (metrics at the operating threshold, at 0.5 in
     `at_0_5`, by source, with bootstrap CIs), the predictions CSV and the DVC plot files.
     """
-    from train.evaluate import evaluate_external, evaluate_shards, external_test_items, write_outputs
+    from train.evaluate import (
+        evaluate_external,
+        evaluate_shards,
+        external_test_items,
+        human_summary,
+        write_outputs,
+    )
 
     p = _params(params)
     if root is None:
@@ -348,27 +354,7 @@ def evaluate(
             "specificity": r["specificity"],
         }
     )
-    typer.echo(_evaluation_summary(r, out), err=True)
-
-
-def _evaluation_summary(r: dict, out: Path) -> str:
-    """A few lines a person reads, beside the JSON a machine reads (stderr, so stdout stays JSON)."""
-
-    def pct(block) -> str:
-        value = block.get("value") if isinstance(block, dict) else block
-        return "n/a" if value is None else f"{100 * value:.1f}%"
-
-    c = r.get("confusion", {})
-    auc = "n/a" if r.get("roc_auc") is None else f"{r['roc_auc']:.3f}"
-    ci = r.get("roc_auc_ci95")
-    auc += f" (95% CI {ci[0]:.3f}-{ci[1]:.3f})" if ci else ""
-    return "\n".join([
-        f"{r['model']['name']}/{r['model']['variant']} on {r['n_test']} test images, threshold "
-        f"{r['threshold']['value']:.3g} (chosen on validation by {r['threshold'].get('rule', '?')}):",
-        f"  sensitivity {pct(r.get('sensitivity'))}  specificity {pct(r.get('specificity'))}  "
-        f"accuracy {pct(r.get('accuracy'))}  ROC AUC {auc}",
-        f"  missed COVID-19 (FN) {c.get('fn', '?')}, false alarms (FP) {c.get('fp', '?')}; details in {out}",
-    ])  # fmt: skip
+    typer.echo(human_summary(r, out), err=True)  # stderr: stdout stays JSON
 
 
 @app.command(rich_help_panel=STAGES)

@@ -24,9 +24,11 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+import cv2
 import numpy as np
 from matplotlib.figure import Figure
 from skimage import exposure, util
+from tqdm import tqdm
 
 from pipeline.errors import CxrError
 from pipeline.fileio import atomic_write_bytes
@@ -86,12 +88,11 @@ def dimensions_figure(entries: list[ManifestEntry], out: Path, top: int = 25) ->
 
 def shard_images(directory: Path, keys: set[str]) -> dict[str, np.ndarray]:
     """The stored 224x224 images of `keys` from a variant's tars (the format of pipeline.shard_format)."""
-    import cv2
-
     summary = read_summary(directory)
     found: dict[str, np.ndarray] = {}
-    for split in SPLITS:
-        for path in summary.shard_paths(split):
+    paths = [path for split in SPLITS for path in summary.shard_paths(split)]
+    for path in tqdm(paths, desc=f"read {summary.variant} shards", unit="shard", leave=False, disable=len(paths) < 8):
+        if len(found) < len(keys):  # stop reading once every key is found
             with tarfile.open(path) as tar:
                 for member in tar:
                     key, _, ext = member.name.partition(".")

@@ -297,3 +297,23 @@ def write_outputs(result: EvalResult, out: Path, predictions: Path | None, plots
     if plots_dir is not None:
         write_plots(plots_dir, result.test, threshold)
     write_json(out, result.report)
+
+
+def human_summary(r: dict[str, Any], out: Path) -> str:
+    """A few lines a person reads after `evaluate`, beside the JSON a machine reads."""
+
+    def pct(block) -> str:
+        value = block.get("value") if isinstance(block, dict) else block
+        return "n/a" if value is None else f"{100 * value:.1f}%"
+
+    c = r.get("confusion", {})
+    auc = "n/a" if r.get("roc_auc") is None else f"{r['roc_auc']:.3f}"
+    ci = r.get("roc_auc_ci95")
+    auc += f" (95% CI {ci[0]:.3f}-{ci[1]:.3f})" if ci else ""
+    return "\n".join([
+        f"{r['model']['name']}/{r['model']['variant']} on {r['n_test']} test images, threshold "
+        f"{r['threshold']['value']:.3g} (chosen on validation by {r['threshold'].get('rule', '?')}):",
+        f"  sensitivity {pct(r.get('sensitivity'))}  specificity {pct(r.get('specificity'))}  "
+        f"accuracy {pct(r.get('accuracy'))}  ROC AUC {auc}",
+        f"  missed COVID-19 (FN) {c.get('fn', '?')}, false alarms (FP) {c.get('fp', '?')}; details in {out}",
+    ])  # fmt: skip
