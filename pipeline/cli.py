@@ -73,8 +73,14 @@ def _fail_cleanly(fn):
         try:
             return fn(*args, **kwargs)
         except CxrError as exc:
-            typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
-            raise typer.Exit(code=1) from None
+            message = str(exc)
+        except OSError as exc:  # an OS failure no library layer anticipated: still one line, not a traceback
+            message = f"{exc.strerror or exc}: {exc.filename}" if exc.filename else str(exc)
+        except MemoryError:
+            message = "out of memory (lower shard.workers or preprocess.max_decoded_bytes)"
+        # One line whatever the message holds (decoder and OS texts can carry newlines).
+        typer.secho(f"error: {' '.join(message.split())}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(code=1) from None
 
     return wrapper
 
@@ -132,6 +138,7 @@ def ingest(
         seed=p.seed,
         max_reject_fraction=p.data.max_reject_fraction,
         show_progress=True,
+        leaks=p.data.leaks,
     )
     _echo_json(summary)
 
@@ -179,6 +186,21 @@ def shard(
     _echo_json({k: summary[k] for k in ("variant", "counts", "reject_count")})
 
 
+@app.command(rich_help_panel=SCREENING)
+@_fail_cleanly
+def verify(
+    shards: Annotated[list[Path], typer.Argument(help="Shard variant folders to check", show_default=False)],
+) -> None:
+    """Check every shard against the sha256 recorded in its folder's summary.json.
+
+    Reads: SHARDS/summary.json (validated) and SHARDS/*.tar. Writes nothing. Exit code 1 names
+    the shards that are missing or changed.
+    """
+    from pipeline.shard_format import verify_shards
+
+    _echo_json({str(d): verify_shards(d) for d in shards})
+
+
 @app.command("bench-preprocess", rich_help_panel=BENCHMARKS)
 @_fail_cleanly
 def bench_preprocess(
@@ -194,6 +216,24 @@ def bench_preprocess(
 
     p = _params(params)
     _echo_json(run_preprocess_benchmark(root, p.preprocess, p.shard, repeat=repeat))
+
+
+@app.command("bench-memory", rich_help_panel=BENCHMARKS)
+@_fail_cleanly
+def bench_memory(
+    root: Annotated[Path, typer.Option(help="COVIDx-layout dataset root to measure on")] = Path(
+        "../shared/covidx-mini"
+    ),
+    params: ParamsOpt = Path("params.yaml"),
+) -> None:
+    """Benchmark: peak RSS of the shard stage (2 workers) on ROOT and on a corpus with one 12000x12000 16-bit PNG.
+
+    Reads: ROOT and params (preprocess.*). Writes nothing outside a temporary folder; prints, per corpus,
+    the peak RSS of the largest process and of the whole process tree (MiB), and what was rejected.
+    """
+    from pipeline.bench_memory import run_memory_benchmark
+
+    _echo_json(run_memory_benchmark(root, _params(params)))
 
 
 # ---- commands: train (owner: train/trainer.py) ----

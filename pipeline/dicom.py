@@ -16,18 +16,27 @@ the pylibjpeg plugins this project installs, JPEG baseline/extended/lossless
 and JPEG-LS (pylibjpeg-libjpeg) and JPEG 2000 (pylibjpeg-openjpeg). A syntax
 without a working decoder is refused with a message naming it (rather than a
 pydicom traceback about missing plugins).
+
+Memory is bounded before decoding: the geometry is checked against the decode
+limits counting the float64 working copies pydicom's LUT functions make (8
+bytes a pixel), and a deflated dataset (Deflated Explicit VR Little Endian,
+where pydicom would inflate everything in one call) is inflated by us with a
+cap, so a 600 KB file cannot become 600 MB before any check.
 """
 
 from __future__ import annotations
 
 import io
+import struct
+import zlib
 from pathlib import Path
 
 import numpy as np
 import pydicom
 from pydicom.errors import InvalidDicomError
 from pydicom.pixels import apply_modality_lut, apply_voi_lut, get_decoder
-from pydicom.uid import UID, ImplicitVRLittleEndian
+from pydicom.dataset import FileMetaDataset
+from pydicom.uid import UID, DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from pipeline.imageio import DecodeLimits, Header, ImageRejected, read_header
 
@@ -35,6 +44,8 @@ DICOM_MAGIC_OFFSET = 128
 DICOM_MAGIC = b"DICM"
 DICOM_SUFFIXES = (".dcm", ".dicom")
 _MONOCHROME = ("MONOCHROME1", "MONOCHROME2")
+_LONG_VRS = (b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"UC", b"UR", b"UT", b"UN")
+WORK_BYTES_PER_PIXEL = 8  # apply_modality_lut / apply_voi_lut work in float64
 
 
 def looks_like_dicom(path: Path, head: bytes) -> bool:
@@ -71,7 +82,16 @@ def read_dicom_with_header(data: bytes, limits: DecodeLimits) -> tuple[Header, n
     `limits` (checked before decoding), or a compressed transfer syntax without
     a working decoder.
     """
-    ds = _parse(io.BytesIO(data))
+    try:
+        meta_end, syntax_text = _file_meta(data)
+        if syntax_text == DeflatedExplicitVRLittleEndian:
+            ds = _parse(io.BytesIO(_inflate_capped(data[meta_end:], limits.max_decoded_bytes)))
+            ds.file_meta = FileMetaDataset()  # a bare dataset now (pydicom detects its explicit VR)
+            ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        else:
+            ds = _parse(io.BytesIO(data))
+    except (struct.error, zlib.error) as exc:
+        raise ImageRejected(f"not a readable DICOM file: {exc}") from exc
     if "PixelData" not in ds:
         raise ImageRejected("DICOM has no pixel data (PixelData element missing)")
     syntax = _transfer_syntax(ds)
@@ -134,6 +154,39 @@ def _inverted(ds: pydicom.Dataset, photometric: str) -> bool:
     return photometric == "MONOCHROME1" or shape == "INVERSE"
 
 
+def _file_meta(data: bytes) -> tuple[int, str | None]:
+    """(offset where the dataset starts, Transfer Syntax UID) of a Part 10 file; (0, None) without one.
+
+    Read by hand because pydicom's reader inflates a deflated dataset as soon as
+    it has read the file meta, in one uncapped call.
+    """
+    if data[DICOM_MAGIC_OFFSET : DICOM_MAGIC_OFFSET + 4] != DICOM_MAGIC:
+        return 0, None
+    pos, syntax = DICOM_MAGIC_OFFSET + 4, None
+    while pos + 8 <= len(data):
+        group, element = struct.unpack_from("<HH", data, pos)
+        if group != 0x0002:  # the file meta group (always explicit VR little endian) has ended
+            break
+        if data[pos + 4 : pos + 6] in _LONG_VRS:
+            (length,), head = struct.unpack_from("<I", data, pos + 8), 12
+        else:
+            (length,), head = struct.unpack_from("<H", data, pos + 6), 8
+        if element == 0x0010:
+            syntax = data[pos + head : pos + head + length].rstrip(b"\0 ").decode("ascii", "replace")
+        pos += head + length
+    return pos, syntax
+
+
+def _inflate_capped(deflated: bytes, cap: int) -> bytes:
+    inflater = zlib.decompressobj(-zlib.MAX_WBITS)  # DICOM's deflate is raw (RFC 1951), no zlib header
+    body = inflater.decompress(deflated, cap + 1)
+    if len(body) > cap or inflater.unconsumed_tail:
+        raise ImageRejected(
+            f"deflated DICOM inflates to more than {cap / 2**20:.0f} MiB (preprocess.max_decoded_bytes): refused"
+        )
+    return body
+
+
 def _transfer_syntax(ds: pydicom.Dataset) -> UID:
     meta = getattr(ds, "file_meta", None)
     syntax = meta.get("TransferSyntaxUID") if meta is not None else None
@@ -174,6 +227,10 @@ def _check_geometry(ds: pydicom.Dataset, limits: DecodeLimits) -> None:
         raise ImageRejected(f"multi-frame DICOM ({frames} frames) is not a single radiograph")
     if rows * cols > limits.max_pixels:  # checked before decoding: a header can declare a decompression bomb
         raise ImageRejected(f"DICOM declares {cols}x{rows} pixels, over the bound of {limits.max_pixels}")
+    if rows * cols * WORK_BYTES_PER_PIXEL > limits.max_decoded_bytes:
+        need = rows * cols * WORK_BYTES_PER_PIXEL / 2**20
+        raise ImageRejected(f"DICOM {cols}x{rows} needs {need:.0f} MiB to decode, over the bound of "
+                            f"{limits.max_decoded_bytes / 2**20:.0f} MiB (preprocess.max_decoded_bytes)")  # fmt: skip
     if min(rows, cols) < limits.min_side:
         raise ImageRejected(f"DICOM image too small: {cols}x{rows} (min side {limits.min_side})")
 

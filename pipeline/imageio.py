@@ -2,6 +2,15 @@
 
 The header is read first (Pillow parses it without decoding pixels), so an
 image that declares a huge size is refused before a byte of it is decoded.
+Memory is bounded by decoded BYTES, not pixels: a 16-bit or RGB image costs
+two or three times a greyscale one of the same size, and `max_decoded_bytes`
+(default sized for the largest real radiographs, 3670x3308 RGB = 36 MB in
+covidx-mini, with 3.5x headroom) holds for every format. Multi-frame files
+(multi-page TIFF, animated GIF/PNG/WebP, multi-frame DICOM) are refused
+everywhere: a radiograph is one frame, and silently using frame 0 would screen
+a picture nobody chose. A JPEG whose entropy-coded data libjpeg flags as
+corrupt ("Corrupt JPEG data: ...", a warning it prints and otherwise ignores)
+is a reject, not a silently grey-smeared image.
 Pixels are then decoded by OpenCV, which is about twice as fast as Pillow here
 and can decode JPEG at 1/2, 1/4 or 1/8 scale straight from the DCT
 coefficients: for a 3000-px radiograph that is most of the preprocessing cost.
@@ -10,6 +19,10 @@ coefficients: for a 3000-px radiograph that is most of the preprocessing cost.
 from __future__ import annotations
 
 import io
+import os
+import struct
+import tempfile
+import threading
 import warnings
 from dataclasses import dataclass
 from typing import BinaryIO
@@ -20,6 +33,10 @@ from PIL import Image, UnidentifiedImageError
 
 from pipeline.errors import CxrError
 
+# What Pillow's format parsers raise on hostile bytes besides OSError (found by tests/test_fuzz_decode.py:
+# a TIFF without dimensions raises TypeError, a short EXIF block struct.error, ...).
+PARSER_ERRORS = (OSError, SyntaxError, ValueError, TypeError, IndexError, KeyError, EOFError, struct.error,
+                 ZeroDivisionError, OverflowError)  # fmt: skip
 _REDUCED_FLAGS = {2: cv2.IMREAD_REDUCED_GRAYSCALE_2, 4: cv2.IMREAD_REDUCED_GRAYSCALE_4, 8: cv2.IMREAD_REDUCED_GRAYSCALE_8}
 _EXIF_ORIENTATION = 0x0112
 
@@ -28,10 +45,20 @@ class ImageRejected(CxrError):
     """An input image that cannot or must not be used; the message is the recorded reason."""
 
 
+# 128 MiB: 8192x8192 16-bit grey or 6500x6500 RGB, 3.5x the largest covidx-mini image. Two shard
+# workers each holding file + decoded + greyscale copies then stay well under the 1.5 GB budget.
+DEFAULT_MAX_DECODED_BYTES = 128 * 1024 * 1024
+# Bytes per pixel of a full decode, by Pillow mode (what the decoder allocates before any
+# conversion; a palette image is expanded to colour first).
+_MODE_BYTES = {"1": 1, "L": 1, "P": 3, "LA": 2, "PA": 2, "La": 2, "RGB": 3, "YCbCr": 3, "LAB": 3, "HSV": 3,
+               "RGBA": 4, "RGBa": 4, "RGBX": 4, "CMYK": 4, "I": 4, "F": 4}  # fmt: skip
+
+
 @dataclass(frozen=True)
 class DecodeLimits:
     max_pixels: int
     min_side: int
+    max_decoded_bytes: int = DEFAULT_MAX_DECODED_BYTES
 
 
 @dataclass(frozen=True)
@@ -41,6 +68,30 @@ class Header:
     height: int
     mode: str
     orientation: int
+    frames: int = 1
+
+    @property
+    def decoded_bytes(self) -> int:
+        per_pixel = 2 if self.mode.startswith("I;16") else _MODE_BYTES.get(self.mode, 4)
+        return self.width * self.height * per_pixel
+
+
+def check_limits(header: Header, limits: DecodeLimits, data_len: int) -> None:
+    """Everything that can be refused from the header alone, before a pixel is decoded."""
+    if header.frames > 1:
+        raise ImageRejected(f"multi-frame image ({header.format}, {header.frames} frames): one radiograph is one frame")
+    if header.width * header.height > limits.max_pixels:
+        raise ImageRejected(
+            f"image declares {header.width}x{header.height} pixels, over the bound of {limits.max_pixels}"
+        )
+    if header.decoded_bytes > limits.max_decoded_bytes or data_len > limits.max_decoded_bytes:
+        size = max(header.decoded_bytes, data_len)
+        raise ImageRejected(
+            f"image needs {size / 2**20:.0f} MiB to decode ({header.width}x{header.height} {header.mode}), over the "
+            f"bound of {limits.max_decoded_bytes / 2**20:.0f} MiB (preprocess.max_decoded_bytes)"
+        )
+    if min(header.width, header.height) < limits.min_side:
+        raise ImageRejected(f"image too small: {header.width}x{header.height} (min side {limits.min_side})")
 
 
 def read_header(data: bytes | BinaryIO) -> Header:
@@ -59,12 +110,13 @@ def read_header(data: bytes | BinaryIO) -> Header:
             # about its default bound, which we neither want nor rely on.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             with Image.open(data) as img:
-                return Header(img.format or "unknown", img.width, img.height, img.mode, _orientation(img))
+                frames = int(getattr(img, "n_frames", 1)) if getattr(img, "is_animated", False) else 1
+                return Header(img.format or "unknown", img.width, img.height, img.mode, _orientation(img), frames)
     except Image.DecompressionBombError as exc:
         raise ImageRejected(f"image declares too many pixels, over the bound (decompression bomb refused): {exc}") from None
     except UnidentifiedImageError:
         raise ImageRejected("not a readable image (unrecognised format)") from None
-    except (OSError, SyntaxError, ValueError) as exc:
+    except PARSER_ERRORS as exc:
         raise ImageRejected(f"not a readable image ({type(exc).__name__}: {exc})") from None
 
 
@@ -128,12 +180,7 @@ def decode_with_header(
 ) -> tuple[Header, np.ndarray]:
     """`decode_grey` that also returns the parsed header (original size, format)."""
     header = read_header(data)
-    if header.width * header.height > limits.max_pixels:
-        raise ImageRejected(
-            f"image declares {header.width}x{header.height} pixels, over the bound of {limits.max_pixels}"
-        )
-    if min(header.width, header.height) < limits.min_side:
-        raise ImageRejected(f"image too small: {header.width}x{header.height} (min side {limits.min_side})")
+    check_limits(header, limits, len(data))
 
     buf = np.frombuffer(data, np.uint8)
     # Orientation is applied by us for every path: OpenCV honours EXIF on a full
@@ -142,10 +189,11 @@ def decode_with_header(
     factor = 1
     if reduce_to is not None and header.format == "JPEG":
         factor = reduction_factor(header.width, header.height, *reduce_to)
-    if factor > 1:
-        img = cv2.imdecode(buf, _REDUCED_FLAGS[factor] | flags)
-    else:
-        img = cv2.imdecode(buf, cv2.IMREAD_GRAYSCALE | cv2.IMREAD_ANYDEPTH | flags)
+    mode = (_REDUCED_FLAGS[factor] if factor > 1 else cv2.IMREAD_GRAYSCALE | cv2.IMREAD_ANYDEPTH) | flags
+    try:
+        img = _imdecode_jpeg_strict(buf, mode) if header.format == "JPEG" else cv2.imdecode(buf, mode)
+    except cv2.error as exc:
+        raise ImageRejected(f"unreadable image (OpenCV: {' '.join(str(exc).split())[:200]})") from None
     if img is None:
         img = _decode_with_pillow(data)
     if img.ndim != 2 or img.size == 0:
@@ -153,13 +201,45 @@ def decode_with_header(
     return header, apply_orientation(img, header.orientation)
 
 
+_STDERR_LOCK = threading.Lock()
+
+
+def _imdecode_jpeg_strict(buf: np.ndarray, mode: int) -> np.ndarray | None:
+    """cv2.imdecode for JPEG, with libjpeg's corrupt-data warnings turned into a reject.
+
+    libjpeg reports recoverable corruption only by printing to stderr and
+    OpenCV offers no hook for it, so fd 2 is pointed at a temp file for the
+    call. The lock keeps decoding threads (predict, external evaluation) from
+    reading each other's warnings; shard workers are single-threaded processes.
+    """
+    with _STDERR_LOCK, tempfile.TemporaryFile() as sink:
+        saved = os.dup(2)
+        try:
+            os.dup2(sink.fileno(), 2)
+            img = cv2.imdecode(buf, mode)
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+        sink.seek(0)
+        warning = sink.read(4096).decode("utf-8", "replace").strip()
+    if "Corrupt JPEG data" in warning or "Premature end of JPEG file" in warning:
+        raise ImageRejected(f"corrupt JPEG data (libjpeg: {warning.splitlines()[0]})")
+    return img
+
+
 def _decode_with_pillow(data: bytes) -> np.ndarray:
-    """Fallback for what OpenCV cannot read; also turns truncation into a reject."""
+    """Fallback for what OpenCV cannot read; also turns truncation into a reject.
+
+    16-bit data stays uint16 (no float copy: `to_grey_u8` scales it through a
+    lookup table); only 32-bit integer/float modes become float32.
+    """
     try:
         with Image.open(io.BytesIO(data)) as img:
             img.load()
-            if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-                return np.asarray(img).astype(np.float32)
+            if img.mode.startswith("I;16"):
+                return np.asarray(img).astype(np.uint16, copy=False)
+            if img.mode in ("I", "F"):
+                return np.asarray(img).astype(np.float32, copy=False)
             return np.asarray(img.convert("L"))
-    except (OSError, SyntaxError, ValueError) as exc:
+    except PARSER_ERRORS as exc:
         raise ImageRejected(f"unreadable or truncated image ({type(exc).__name__}: {exc})") from None

@@ -1,12 +1,20 @@
 """Stage `ingest`: label files + image folders -> one manifest with patient-wise splits.
 
 Every label line ends up either in the manifest or in the report's rejects with
-its reason. Validation is carved from train by patient (never by image), so no
-patient we assign can straddle train and val.
+its reason, whatever the OS says about the file it names (missing, unreadable,
+a folder, a FIFO, a symlink out of the root). Validation is carved from train
+by patient (never by image), so no patient we assign can straddle train and val.
+
+Duplicates are found on the normalised relative path and on content (sha256).
+Within one label file the later copy is a reject; across label files a shared
+image is a leak between splits: every pair is listed in the report, and
+`data.leaks` says what happens (report: keep both, so published splits stay
+comparable; drop: reject the train/val copy, test stays whole; fail: stop).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from collections import Counter, defaultdict
@@ -20,10 +28,12 @@ from tqdm import tqdm
 
 from pipeline.dicom import image_file_header
 from pipeline.errors import CxrError
-from pipeline.fileio import sha256_file
+from pipeline.fileio import atomic_write_text
 from pipeline.imageio import Header, ImageRejected
-from pipeline.labels import LabelLine, parse_label_file
+from pipeline.labels import LabelLine, open_inside, parse_label_file
 from pipeline.shard_format import CLASS_NAMES, SPLITS
+
+LEAK_POLICIES = ("report", "drop", "fail")
 
 
 @dataclass(frozen=True)
@@ -45,13 +55,36 @@ class ManifestEntry:
     format: str | None = None
 
 
-def _inspect(path: Path) -> tuple[str, Header | None]:
-    """sha256 of the file and its header (Fig. 1's image dimensions), or None for an unreadable header."""
+@dataclass(frozen=True)
+class _Hashed:
+    line: LabelLine
+    sha256: str
+    bytes: int
+    header: Header | None  # stored size and format (Fig. 1), None when the header is unreadable
+
+
+def hash_inside(root: Path, relative: str) -> tuple[str, int, Header | None] | str:
+    """(sha256, size, header) of root/relative read through `open_inside`, or the reason it was refused.
+
+    The header is read without decoding; an unreadable one is None here and a
+    reject with its reason in the shard stage.
+    """
+    opened = open_inside(root, relative)
+    if isinstance(opened, str):
+        return opened
+    fd, info = opened
+    digest = hashlib.sha256()
     try:
-        header = image_file_header(path)
+        with os.fdopen(fd, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(block)
+    except OSError as exc:  # EIO on a bad sector, EACCES on some FUSE mounts: a reject, never a crash
+        return f"cannot read {relative}: {exc.strerror or exc}"
+    try:
+        header = image_file_header(Path(os.path.realpath(Path(root) / relative)))
     except ImageRejected:
         header = None
-    return sha256_file(path), header
+    return digest.hexdigest(), info.st_size, header
 
 
 def carve_validation(lines: list[LabelLine], fraction: float, seed: int, exclude: set[str]) -> set[str]:
@@ -77,6 +110,88 @@ def carve_validation(lines: list[LabelLine], fraction: float, seed: int, exclude
     return chosen
 
 
+def _read_split(
+    root: Path, split: str, pool: ThreadPoolExecutor, rejects: list[dict[str, Any]], show_progress: bool
+) -> tuple[int, list[_Hashed]]:
+    """One label file -> (its line count, the lines whose image is readable and not a duplicate)."""
+    lines, bad = parse_label_file(root / f"{split}.txt")
+    rejects += [{"split": split, "line": r.line_no, "text": r.text, "reason": r.reason} for r in bad]
+    by_name: dict[str, int] = {}
+    unique = []
+    for line in lines:
+        if line.filename in by_name:
+            reason = f"duplicate filename in {split}.txt (same as line {by_name[line.filename]})"
+            rejects.append({"split": split, "line": line.line_no, "filename": line.filename, "reason": reason})
+            continue
+        by_name[line.filename] = line.line_no
+        unique.append(line)
+    kept: list[_Hashed] = []
+    by_hash: dict[str, LabelLine] = {}
+    results = tqdm(pool.map(lambda l: hash_inside(root, f"{split}/{l.filename}"), unique), total=len(unique),
+                   desc=f"ingest {split}", unit="img", disable=not show_progress, leave=False)  # fmt: skip
+    for line, hashed in zip(unique, results):
+        if isinstance(hashed, str):
+            reason = hashed
+        elif hashed[0] in by_hash:
+            first = by_hash[hashed[0]]
+            reason = f"duplicate image in {split}.txt: same content (sha256) as line {first.line_no} ({first.filename})"
+        else:
+            by_hash[hashed[0]] = line
+            kept.append(_Hashed(line, *hashed))
+            continue
+        rejects.append({"split": split, "line": line.line_no, "filename": line.filename, "reason": reason})
+    return len(lines) + len(bad), kept
+
+
+def find_leaks(parsed: dict[str, list[_Hashed]]) -> list[dict[str, Any]]:
+    """Every pair of lines in different label files that name the same image (path or content)."""
+    leaks = []
+    splits = list(parsed)
+    for i, a in enumerate(splits):
+        names = {h.line.filename: h for h in parsed[a]}
+        hashes = {h.sha256: h for h in parsed[a]}
+        for b in splits[i + 1 :]:
+            for h in parsed[b]:
+                other = hashes.get(h.sha256)
+                if other is not None:
+                    leaks.append(_leak(a, other, b, h, "same content (sha256)"))
+                elif h.line.filename in names:  # same name, different bytes: still worth a look
+                    leaks.append(_leak(a, names[h.line.filename], b, h, "same filename"))
+    return leaks
+
+
+def _leak(a: str, x: _Hashed, b: str, y: _Hashed, why: str) -> dict[str, Any]:
+    return {"why": why, a: {"line": x.line.line_no, "filename": x.line.filename, "patient_id": x.line.patient_id},
+            b: {"line": y.line.line_no, "filename": y.line.filename, "patient_id": y.line.patient_id},
+            "splits": [a, b], "sha256": y.sha256 if why.startswith("same content") else None}  # fmt: skip
+
+
+def _apply_leak_policy(parsed: dict[str, list[_Hashed]], leaks: list[dict[str, Any]], policy: str,
+                       rejects: list[dict[str, Any]]) -> None:  # fmt: skip
+    if policy not in LEAK_POLICIES:
+        raise CxrError(f"data.leaks must be one of {list(LEAK_POLICIES)}, got {policy!r}")
+    if not leaks or policy == "report":
+        return
+    if policy == "fail":
+        first = leaks[0]
+        a, b = first["splits"]
+        raise CxrError(f"{len(leaks)} image(s) shared between label files (data.leaks: fail), first: "
+                       f"{a}/{first[a]['filename']} and {b}/{first[b]['filename']} ({first['why']})")  # fmt: skip
+    # drop: the copy in the earlier split (train before val before test) goes, so test stays whole
+    drop = {(leak["splits"][0], leak[leak["splits"][0]]["line"]): leak for leak in leaks}
+    for split in parsed:
+        keep = []
+        for h in parsed[split]:
+            leak = drop.get((split, h.line.line_no))
+            if leak is None:
+                keep.append(h)
+                continue
+            other = leak["splits"][1]
+            reason = f"leak dropped (data.leaks: drop): {leak['why']} as {other}/{leak[other]['filename']}"
+            rejects.append({"split": split, "line": h.line.line_no, "filename": h.line.filename, "reason": reason})
+        parsed[split] = keep
+
+
 def build_manifest(
     root: Path,
     manifest_path: Path,
@@ -85,35 +200,32 @@ def build_manifest(
     seed: int,
     max_reject_fraction: float,
     show_progress: bool = False,
+    leaks: str = "report",
 ) -> dict[str, Any]:
     root = Path(root)
     if not (root / "train.txt").is_file() or not (root / "test.txt").is_file():
         raise CxrError(f"{root} is not a COVIDx-layout root: it needs train.txt and test.txt (and train/, test/)")
     present = [s for s in SPLITS if (root / f"{s}.txt").is_file()]
 
-    parsed: dict[str, list[LabelLine]] = {}
     rejects: list[dict[str, Any]] = []
     total_lines = 0
-    for split in present:
-        lines, bad = parse_label_file(root / f"{split}.txt")
-        total_lines += len(lines) + len(bad)
-        rejects += [{"split": split, "line": r.line_no, "text": r.text, "reason": r.reason} for r in bad]
-        seen: set[str] = set()
-        kept = []
-        for line in lines:
-            reason = None
-            if line.filename in seen:
-                reason = "duplicate filename in the label file"
-            elif not (root / split / line.filename).is_file():
-                reason = f"missing file {split}/{line.filename}"
-            seen.add(line.filename)
-            if reason:
-                rejects.append({"split": split, "line": line.line_no, "filename": line.filename, "reason": reason})
-            else:
-                kept.append(line)
-        parsed[split] = kept
+    parsed: dict[str, list[_Hashed]] = {}
+    with ThreadPoolExecutor(max_workers=min(8, (os.cpu_count() or 1) * 2)) as pool:  # hashing is I/O + GIL-free
+        for split in present:
+            count, parsed[split] = _read_split(root, split, pool, rejects, show_progress)
+            total_lines += count
+    leak_pairs = find_leaks(parsed)
+    report: dict[str, Any] = {"root": str(root), "label_files": present, "lines": total_lines,
+                              "leak_policy": leaks, "leak_count": len(leak_pairs), "leaks": leak_pairs}  # fmt: skip
+    try:
+        _apply_leak_policy(parsed, leak_pairs, leaks, rejects)
+    except CxrError as exc:
+        _write_failed(report_path, report, rejects, str(exc))
+        raise
 
-    patients = {split: {line.patient_id for line in parsed[split]} for split in present}
+    lines = {split: [h.line for h in parsed[split]] for split in present}
+    hashed = {(folder, h.line.line_no): h for folder in present for h in parsed[folder]}
+    patients = {split: {line.patient_id for line in lines[split]} for split in present}
     label_overlap = {
         f"{a}/{b}": sorted(patients[a] & patients[b])
         for i, a in enumerate(present)
@@ -123,79 +235,65 @@ def build_manifest(
     assigned: dict[str, list[tuple[str, LabelLine]]] = defaultdict(list)
     if "val" in present:
         for split in present:
-            assigned[split] = [(split, line) for line in parsed[split]]
+            assigned[split] = [(split, line) for line in lines[split]]
         val_patients: set[str] = set()
     else:
-        val_patients = carve_validation(parsed["train"], val_fraction, seed, exclude=patients["test"])
-        for line in parsed["train"]:
+        val_patients = carve_validation(lines["train"], val_fraction, seed, exclude=patients["test"])
+        for line in lines["train"]:
             assigned["val" if line.patient_id in val_patients else "train"].append(("train", line))
-        assigned["test"] = [("test", line) for line in parsed["test"]]
+        assigned["test"] = [("test", line) for line in lines["test"]]
 
-    with ThreadPoolExecutor(max_workers=min(8, (os.cpu_count() or 1) * 2)) as pool:  # hashing is I/O + GIL-free
-        entries = []
-        for split in SPLITS:
-            items = assigned.get(split, [])
-            paths = [root / folder / line.filename for folder, line in items]
-            inspected = list(tqdm(pool.map(_inspect, paths), total=len(paths), desc=f"ingest {split}", unit="img",
-                                  disable=not show_progress, leave=False))  # fmt: skip
-            for idx, ((folder, line), path, (digest, header)) in enumerate(zip(items, paths, inspected)):
-                entries.append(
-                    ManifestEntry(
-                        key=f"{split}_{idx:06d}",
-                        split=split,
-                        path=f"{folder}/{line.filename}",
-                        label=line.label,
-                        patient_id=line.patient_id,
-                        source=line.source,
-                        filename=line.filename,
-                        sha256=digest,
-                        bytes=path.stat().st_size,
-                        width=header.width if header else None,
-                        height=header.height if header else None,
-                        format=header.format if header else None,
-                    )
-                )
-
-    by_hash: dict[str, set[str]] = defaultdict(set)
-    for e in entries:
-        by_hash[e.sha256].add(e.split)
-    cross_split_duplicates = sum(1 for splits in by_hash.values() if len(splits) > 1)
+    entries = []
+    for split in SPLITS:
+        for idx, (folder, line) in enumerate(assigned.get(split, [])):
+            h = hashed[(folder, line.line_no)]
+            entries.append(ManifestEntry(key=f"{split}_{idx:06d}", split=split, path=f"{folder}/{line.filename}",
+                                         label=line.label, patient_id=line.patient_id, source=line.source,
+                                         filename=line.filename, sha256=h.sha256, bytes=h.bytes,
+                                         width=h.header.width if h.header else None,
+                                         height=h.header.height if h.header else None,
+                                         format=h.header.format if h.header else None))  # fmt: skip
 
     reject_fraction = len(rejects) / max(total_lines, 1)
     counts = {
         split: dict(Counter(CLASS_NAMES[e.label] for e in entries if e.split == split)) for split in SPLITS
     }
-    report = {
-        "root": str(root),
-        "label_files": present,
-        "lines": total_lines,
+    report |= {
         "accepted": len(entries),
         "counts": counts,
         "val_source": "val.txt" if "val" in present else f"carved from train by patient ({val_fraction:.0%}, seed {seed})",
         "val_patients": len(val_patients) if "val" not in present else len(patients["val"]),
         "label_file_patient_overlap": {k: {"count": len(v), "patients": v[:50]} for k, v in label_overlap.items()},
-        "cross_split_duplicate_images": cross_split_duplicates,
-        "reject_count": len(rejects),
-        "rejects": rejects,
+        "cross_split_duplicate_images": sum(1 for leak in leak_pairs if leak["sha256"]),
     }
+    if len(entries) + len(rejects) != total_lines:  # the no-silent-drop invariant
+        raise CxrError(f"accounting error: {len(entries)} accepted + {len(rejects)} rejected != {total_lines} lines")
     if reject_fraction > max_reject_fraction:
-        raise CxrError(
+        message = (
             f"{len(rejects)} of {total_lines} label lines rejected ({reject_fraction:.1%} > "
             f"{max_reject_fraction:.0%}): is {root} the right dataset root? First reasons: "
             + "; ".join(r["reason"] for r in rejects[:3])
         )
-    _write_atomic(manifest_path, "".join(json.dumps(asdict(e), sort_keys=True) + "\n" for e in entries))
-    _write_atomic(report_path, json.dumps(report, indent=1, sort_keys=True) + "\n")
-    return {k: report[k] for k in ("root", "lines", "accepted", "counts", "reject_count", "val_source")} | {
-        "label_file_patient_overlap": {k: v["count"] for k, v in report["label_file_patient_overlap"].items()}
+        _write_failed(report_path, report, rejects, message)
+        raise CxrError(message + f" (all rejects in {report_path})")
+    atomic_write_text(manifest_path, "".join(json.dumps(asdict(e), sort_keys=True) + "\n" for e in entries))
+    atomic_write_text(report_path, json.dumps(report | _rejects(rejects), indent=1, sort_keys=True) + "\n")
+    return {k: report[k] for k in ("root", "lines", "accepted", "counts", "val_source", "leak_count")} | {
+        "reject_count": len(rejects),
+        "label_file_patient_overlap": {k: v["count"] for k, v in report["label_file_patient_overlap"].items()},
     }
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+def _rejects(rejects: list[dict[str, Any]]) -> dict[str, Any]:
+    return {"reject_count": len(rejects), "rejects": rejects}
+
+
+def _write_failed(report_path: Path, report: dict[str, Any], rejects: list[dict[str, Any]], message: str) -> None:
+    """The evidence of a failed run: the full rejects list, so the user can fix the data, not guess."""
+    failed = report | _rejects(rejects) | {"failed": message}
+    atomic_write_text(report_path, json.dumps(failed, indent=1, sort_keys=True) + "\n")
+
+
 
 
 def read_manifest(path: Path) -> list[ManifestEntry]:

@@ -27,6 +27,7 @@ class DataParams:
     root: str
     val_fraction: float
     max_reject_fraction: float
+    leaks: Literal["report", "drop", "fail"]
 
 
 @dataclass(frozen=True)
@@ -43,6 +44,7 @@ class PreprocessParams:
     clahe_clip: float
     reduced_decode: bool
     max_pixels: int
+    max_decoded_bytes: int
     min_side: int
 
 
@@ -186,6 +188,7 @@ def _check_ranges(p: Params) -> None:
         (0.0 <= p.preprocess.top_crop < 0.5, "preprocess.top_crop must be in [0, 0.5)"),
         (p.preprocess.size >= 32, "preprocess.size must be >= 32"),
         (p.preprocess.max_pixels > 0, "preprocess.max_pixels must be > 0"),
+        (p.preprocess.max_decoded_bytes > 0, "preprocess.max_decoded_bytes must be > 0"),
         (p.shard.max_count > 0 and p.shard.max_bytes > 0, "shard.max_count and shard.max_bytes must be > 0"),
         (p.shard.workers >= 0, "shard.workers must be >= 0"),
         (p.train.epochs > 0, "train.epochs must be > 0"),

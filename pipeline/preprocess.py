@@ -19,7 +19,7 @@ from PIL import Image
 
 from pipeline.dicom import DICOM_MAGIC_OFFSET, looks_like_dicom, read_dicom_with_header
 from pipeline.errors import CxrError
-from pipeline.imageio import DecodeLimits, Header, ImageRejected, decode_with_header
+from pipeline.imageio import DEFAULT_MAX_DECODED_BYTES, DecodeLimits, Header, ImageRejected, decode_with_header
 from pipeline.params import PreprocessParams
 
 
@@ -32,6 +32,8 @@ class PreprocessConfig:
     reduced_decode: bool
     max_pixels: int
     min_side: int
+    # Last, with a default: configs stored by earlier versions lack it, and it bounds memory only.
+    max_decoded_bytes: int = DEFAULT_MAX_DECODED_BYTES
 
     @classmethod
     def for_variant(cls, params: PreprocessParams, variant: str) -> PreprocessConfig:
@@ -45,22 +47,57 @@ class PreprocessConfig:
             reduced_decode=params.reduced_decode,
             max_pixels=params.max_pixels,
             min_side=params.min_side,
+            max_decoded_bytes=params.max_decoded_bytes,
         )
 
     @classmethod
-    def from_dict(cls, raw: dict[str, Any]) -> PreprocessConfig:
-        """Rebuild from the dict stored in a shard summary or checkpoint."""
+    def from_dict(cls, raw: Any) -> PreprocessConfig:
+        """Rebuild from the dict stored in a shard summary, checkpoint or ONNX file, checked against bounds.
+
+        These dicts come from files that may have been edited or crafted; a
+        `size` of 10**6 would make `predict` allocate until the kernel kills it.
+        """
+        if not isinstance(raw, dict):
+            raise CxrError(f"preprocess config must be a mapping, got {type(raw).__name__}")
         try:
-            return cls(**{k: raw[k] for k in cls.__dataclass_fields__})
+            fields = cls.__dataclass_fields__
+            cfg = cls(**{k: raw[k] for k in fields if k in raw or k != "max_decoded_bytes"})
         except KeyError as exc:
             raise CxrError(f"preprocess config lacks key {exc}; was it written by an older version?") from None
+        _check_bounds(cfg)
+        return cfg
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     @property
     def limits(self) -> DecodeLimits:
-        return DecodeLimits(max_pixels=self.max_pixels, min_side=self.min_side)
+        return DecodeLimits(self.max_pixels, self.min_side, self.max_decoded_bytes)
+
+
+MAX_SIZE = 1024  # model input side; the study uses 224
+
+
+def _check_bounds(cfg: PreprocessConfig) -> None:
+    def is_int(v: Any) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    def is_num(v: Any) -> bool:
+        return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+    checks = (
+        (is_int(cfg.size) and 32 <= cfg.size <= MAX_SIZE, f"size must be an integer in [32, {MAX_SIZE}]"),
+        (is_num(cfg.top_crop) and 0.0 <= cfg.top_crop < 0.5, "top_crop must be in [0, 0.5)"),
+        (cfg.equalize in (None, "global", "clahe"), "equalize must be null, 'global' or 'clahe'"),
+        (is_num(cfg.clahe_clip) and 0.0 < cfg.clahe_clip <= 1000.0, "clahe_clip must be in (0, 1000]"),
+        (isinstance(cfg.reduced_decode, bool), "reduced_decode must be true or false"),
+        (is_int(cfg.max_pixels) and cfg.max_pixels > 0, "max_pixels must be a positive integer"),
+        (is_int(cfg.min_side) and 1 <= cfg.min_side <= MAX_SIZE * 64, "min_side must be a positive integer"),
+        (is_int(cfg.max_decoded_bytes) and 0 < cfg.max_decoded_bytes <= 2**40, "max_decoded_bytes out of range"),
+    )
+    for ok, message in checks:
+        if not ok:
+            raise CxrError(f"preprocess config: {message}")
 
 
 def to_grey_u8(img: np.ndarray) -> np.ndarray:
@@ -86,6 +123,8 @@ def to_grey_u8(img: np.ndarray) -> np.ndarray:
         raise ImageRejected(f"unsupported image shape {img.shape}")
     if img.dtype == np.uint8:
         return img
+    if img.dtype == np.uint16:
+        return _stretch_u16(img)
     img = img.astype(np.float32)
     if not np.isfinite(img).all():
         raise ImageRejected("image contains non-finite values")
@@ -93,6 +132,21 @@ def to_grey_u8(img: np.ndarray) -> np.ndarray:
     if high <= low:
         return np.zeros(img.shape, np.uint8)
     return np.round((img - low) * (255.0 / (high - low))).astype(np.uint8)
+
+
+def _stretch_u16(img: np.ndarray) -> np.ndarray:
+    """uint16 -> uint8 over the image's min..max through a 64 Ki-entry lookup table.
+
+    Same values as the float32 formula below (the table is computed with it),
+    without a 4-bytes-a-pixel float copy of a possibly 300 MB image.
+    """
+    low, high = int(img.min()), int(img.max())
+    if high <= low:
+        return np.zeros(img.shape, np.uint8)
+    levels = np.arange(low, high + 1, dtype=np.float32)
+    table = np.zeros(65536, np.uint8)
+    table[low : high + 1] = np.round((levels - low) * (255.0 / (high - low))).astype(np.uint8)
+    return table[img]
 
 
 def crop_top(img: np.ndarray, fraction: float) -> np.ndarray:

@@ -407,6 +407,14 @@ def _check_args(out_dir: Path, train_per_class: int, test_per_class: int, seed: 
         raise CxrError(f"sample: {out_dir} exists and is not a directory")
     if out_dir.is_dir() and any(out_dir.iterdir()) and not (out_dir / MARKER).is_file():
         raise CxrError(f"sample: refusing to replace {out_dir}: it is not empty and was not made by this command")
+    if (out_dir / MARKER).is_file():  # ours, but the whole folder is replaced: nobody's file may be inside
+        own = {MARKER, *SPLITS, *(f"{split}.txt" for split in SPLITS)}
+        foreign = sorted(p.name for p in out_dir.iterdir() if p.name not in own)
+        foreign += sorted(f"{split}/{p.name}" for split in SPLITS if (out_dir / split).is_dir()
+                          for p in (out_dir / split).iterdir() if p.is_dir() or p.is_symlink())  # fmt: skip
+        if foreign:
+            raise CxrError(f"sample: refusing to replace {out_dir}: it holds {foreign[0]!r}, which this command "
+                           "did not write; move it away first")  # fmt: skip
 
 
 def generate_sample(out_dir: Path, train_per_class: int, test_per_class: int, seed: int) -> dict:

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import hashlib
 import multiprocessing
+import os
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
 
 import cv2
 
 from pipeline.imageio import ImageRejected
+from pipeline.labels import open_inside
 from pipeline.manifest import ManifestEntry
 from pipeline.preprocess import PreprocessConfig, decode_and_preprocess
 
@@ -34,7 +35,7 @@ PNG_PARAMS = [
 @dataclass(frozen=True)
 class ShardTask:
     entry: ManifestEntry
-    path: str
+    root: str  # the dataset root; the image is root/entry.path, re-checked to stay inside it
     cfg: PreprocessConfig
 
 
@@ -47,18 +48,34 @@ class ShardResult:
     reason: str = ""
 
 
+def read_image_file(root: str, relative: str, max_bytes: int) -> bytes | str:
+    """The file's bytes, or why not: outside the root (symlinks resolved), not a file, unreadable, too big."""
+    opened = open_inside(root, relative)
+    if isinstance(opened, str):
+        return opened
+    fd, info = opened
+    with os.fdopen(fd, "rb") as fh:
+        if info.st_size > max_bytes:  # before reading: a 4 GB "image" must not be pulled into memory
+            return f"file is {info.st_size / 2**20:.0f} MiB, over the bound of {max_bytes / 2**20:.0f} MiB"
+        try:
+            return fh.read(max_bytes + 1)
+        except OSError as exc:
+            return f"cannot read file: {exc.strerror or exc}"
+
+
 def process_one(task: ShardTask) -> ShardResult:
     """Read, verify, preprocess and PNG-encode one image; a reject carries its reason."""
-    try:
-        data = Path(task.path).read_bytes()
-    except OSError as exc:
-        return ShardResult(task.entry, None, reason=f"cannot read file: {exc.strerror or exc}")
+    data = read_image_file(task.root, task.entry.path, task.cfg.max_decoded_bytes)
+    if isinstance(data, str):
+        return ShardResult(task.entry, None, reason=data)
     if hashlib.sha256(data).hexdigest() != task.entry.sha256:
         return ShardResult(task.entry, None, reason="file changed since ingest (sha256 mismatch): rerun ingest")
     try:
-        header, image = decode_and_preprocess(data, task.cfg, task.path)
+        header, image = decode_and_preprocess(data, task.cfg, task.entry.path)
     except ImageRejected as exc:
         return ShardResult(task.entry, None, reason=str(exc))
+    except (MemoryError, cv2.error) as exc:  # the bounds make these unlikely; a reject, never a dead stage
+        return ShardResult(task.entry, None, reason=f"decoding failed: {type(exc).__name__}: {exc}")
     ok, png = cv2.imencode(".png", image, PNG_PARAMS)
     if not ok:  # pragma: no cover - encoding a valid uint8 array does not fail
         return ShardResult(task.entry, None, reason="PNG encoding failed")

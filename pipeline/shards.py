@@ -3,12 +3,16 @@
 Preprocessing runs in a process pool (decoding is ~90% of the cost) while one
 writer consumes results in a fixed, seeded order, so the tars are
 byte-identical whatever the worker count. Each shard is written under a
-temporary name and renamed when complete.
+unique temporary name and renamed when complete (pipeline.fileio), the variant
+folder is locked for the run, and only the stage's own files in it are ever
+deleted: a folder holding anything else is refused (pipeline.ownership). A run
+killed at any point leaves no file under a final name that a rerun would not
+rewrite byte for byte.
 """
 
 from __future__ import annotations
 
-import hashlib
+import contextlib
 import json
 import math
 import os
@@ -21,11 +25,13 @@ import webdataset as wds
 from tqdm import tqdm
 
 from pipeline.errors import CxrError
+from pipeline.fileio import atomic_output, atomic_write_json, output_lock, sha256_file
 from pipeline.manifest import ManifestEntry, read_manifest
+from pipeline.ownership import claim_folder, remove_owned
 from pipeline.params import PreprocessParams, ShardParams
 from pipeline.preprocess import PreprocessConfig
 from pipeline.shard_worker import ShardResult, ShardTask, process_one, process_pool
-from pipeline.shard_format import CLASS_NAMES, SPLITS, SUMMARY_NAME, shard_name
+from pipeline.shard_format import CLASS_NAMES, OWN_NAMES, REJECTS_NAME, SPLITS, SUMMARY_NAME, shard_name
 
 # Fixed tar metadata: with the default (current time) every run would produce
 # different bytes and DVC could never recognise an unchanged output.
@@ -76,13 +82,17 @@ class _ShardSink:
         if self._writer is None or self._count >= self.max_count or self._bytes + size > self.max_bytes:
             self._finish()
             self._open()
-        self._writer.write(sample)
+        try:
+            self._writer.write(sample)
+        except OSError as exc:  # a full disk mid-shard: one clean line; abort() then removes the temp file
+            raise CxrError(f"cannot write {self.out_dir / self.shards[-1]['name']}: {exc.strerror or exc}") from None
         self._count += 1
         self._bytes += size
 
     def _open(self) -> None:
         name = shard_name(self.split, len(self.shards))
-        self._stream = open(self.out_dir / f"{name}.tmp", "wb")
+        self._commit = contextlib.ExitStack()
+        self._stream = self._commit.enter_context(atomic_output(self.out_dir / name))
         self._writer = wds.TarWriter(self._stream, mtime=TAR_MTIME, user="cxr", group="cxr")
         self.shards.append({"name": name, "count": 0})
         self._count = self._bytes = 0
@@ -90,21 +100,24 @@ class _ShardSink:
     def _finish(self) -> None:
         if self._writer is None:
             return
-        self._writer.close()
-        self._stream.close()
+        self._writer.close()  # the tar trailer; the stream is the commit's, closed by it
+        self._commit.close()  # fsync + rename to the final name
         name = self.shards[-1]["name"]
-        os.replace(self.out_dir / f"{name}.tmp", self.out_dir / name)
         self.shards[-1]["count"] = self._count
-        self.shards[-1]["sha256"] = _file_sha256(self.out_dir / name)
+        self.shards[-1]["sha256"] = sha256_file(self.out_dir / name)
         self._writer = None
 
     def close(self) -> list[dict[str, Any]]:
         self._finish()
         return self.shards
 
-
-def _file_sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+    def abort(self) -> None:
+        """Drop the shard being written (its temp file goes); finished shards stay, a rerun rewrites them."""
+        if self._writer is not None:
+            with contextlib.suppress(OSError, ValueError):  # close the tar now, not in a __del__ after the file went
+                self._writer.close()
+            self._commit.__exit__(CxrError, CxrError("aborted"), None)
+            self._writer = None
 
 
 def write_variant(
@@ -126,17 +139,40 @@ def write_variant(
     cfg = PreprocessConfig.for_variant(preprocess, variant)
     workers = shard.workers or os.cpu_count() or 1
 
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for stale in list(out_dir.glob("*.tar")) + list(out_dir.glob("*.tmp")) + [out_dir / SUMMARY_NAME]:
-        stale.unlink(missing_ok=True)  # our own previous outputs only
+    claim_folder(out_dir, "shard", OWN_NAMES)
+    with output_lock(out_dir):
+        remove_owned(out_dir, OWN_NAMES)  # our own previous outputs (and a killed run's temps) only
+        return _write_locked(entries, ingest, root, out_dir, variant, cfg, shard, workers, max_reject_fraction,
+                             seed, show_progress)  # fmt: skip
 
+
+def _write_locked(entries, ingest, root, out_dir, variant, cfg, shard, workers, max_reject_fraction, seed,
+                  show_progress) -> dict[str, Any]:  # fmt: skip
     ordered = shuffled_order(entries, seed)
-    tasks = [ShardTask(e, str(root / e.path), cfg) for e in ordered]
+    tasks = [ShardTask(e, str(root), cfg) for e in ordered]
     per_split = Counter(e.split for e in entries)
     sinks = {
         split: _ShardSink(out_dir, split, balanced_count(per_split[split], shard.max_count), shard.max_bytes)
         for split in SPLITS
     }
+    try:
+        rejects, class_counts = _fill(sinks, tasks, workers, variant, show_progress, ingest)
+    except BaseException:
+        for sink in sinks.values():
+            sink.abort()
+        raise
+    splits = {}
+    for split, sink in sinks.items():
+        shards = sink.close()
+        splits[split] = {
+            "count": sum(s["count"] for s in shards),
+            "class_counts": {name: class_counts[split][name] for name in CLASS_NAMES},
+            "shards": shards,
+        }
+    return _summarize(splits, rejects, ingest, root, out_dir, variant, cfg, shard, max_reject_fraction, seed)
+
+
+def _fill(sinks, tasks, workers, variant, show_progress, ingest):
     rejects = list(ingest.get("rejects", []))
     class_counts = {split: Counter() for split in SPLITS}
     progress = tqdm(total=len(tasks), desc=f"shard {variant}", unit="img", disable=not show_progress)
@@ -163,15 +199,10 @@ def write_variant(
         sinks[e.split].write(sample, len(result.png) + 1024)
         class_counts[e.split][CLASS_NAMES[e.label]] += 1
     progress.close()
+    return rejects, class_counts
 
-    splits = {}
-    for split, sink in sinks.items():
-        shards = sink.close()
-        splits[split] = {
-            "count": sum(s["count"] for s in shards),
-            "class_counts": {name: class_counts[split][name] for name in CLASS_NAMES},
-            "shards": shards,
-        }
+
+def _summarize(splits, rejects, ingest, root, out_dir, variant, cfg, shard, max_reject_fraction, seed):
     total_lines = ingest["lines"]
     summary = {
         "variant": variant,
@@ -183,16 +214,19 @@ def write_variant(
         "reject_count": len(rejects),
         "rejects": rejects,
         "label_file_patient_overlap": ingest.get("label_file_patient_overlap", {}),
+        "leak_count": ingest.get("leak_count", 0),
+        "leaks": ingest.get("leaks", []),
     }
     written = sum(splits[s]["count"] for s in SPLITS)
     if written + len(rejects) != total_lines:  # the no-silent-drop invariant
         raise CxrError(f"accounting error: {written} written + {len(rejects)} rejected != {total_lines} label lines")
     if len(rejects) > max_reject_fraction * total_lines:
-        raise CxrError(
+        message = (
             f"{len(rejects)} of {total_lines} images rejected (> {max_reject_fraction:.0%}): is the dataset root "
             f"{root} right? First reasons: " + "; ".join(r["reason"] for r in rejects[:3])
         )
-    tmp = out_dir / (SUMMARY_NAME + ".tmp")
-    tmp.write_text(json.dumps(summary, indent=1, sort_keys=True) + "\n")
-    os.replace(tmp, out_dir / SUMMARY_NAME)
+        # No summary (nothing downstream may read these shards), but the whole evidence.
+        atomic_write_json(out_dir / REJECTS_NAME, summary | {"failed": message}, indent=1)
+        raise CxrError(f"{message} (all rejects in {out_dir / REJECTS_NAME})")
+    atomic_write_json(out_dir / SUMMARY_NAME, summary, indent=1)
     return summary

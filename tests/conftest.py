@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -66,7 +67,8 @@ def make_tiny_shards(
                             "json": {"patient_id": f"p{split}{i}", "source": "toy", "filename": f"x.{i}.png"},
                         }
                     )
-            shards.append({"name": name, "count": len(chunk)})
+            digest = hashlib.sha256((directory / name).read_bytes()).hexdigest()
+            shards.append({"name": name, "count": len(chunk), "sha256": digest})
         splits[split] = {
             "count": len(labels),
             "class_counts": {CLASS_NAMES[c]: labels.count(c) for c in (0, 1)},

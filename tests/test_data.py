@@ -55,7 +55,10 @@ def test_eval_labels_match_the_shards(tiny_shards: Path):
 
 def test_eval_count_mismatch_raises(tiny_shards: Path):
     raw = json.loads((tiny_shards / SUMMARY_NAME).read_text())
-    raw["splits"]["test"]["count"] += 1
+    test = raw["splits"]["test"]  # a self-consistent summary (read_summary checks that) that overstates the data
+    test["count"] += 1
+    test["class_counts"]["negative"] += 1
+    test["shards"][0]["count"] += 1
     (tiny_shards / SUMMARY_NAME).write_text(json.dumps(raw))
     with pytest.raises(CxrError, match="summary says"):
         list(eval_batches(read_summary(tiny_shards), "test", batch_size=4, num_workers=1))

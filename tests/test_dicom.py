@@ -13,6 +13,7 @@ from PIL import Image
 from pydicom.encaps import encapsulate
 from pydicom.pixels import get_decoder, pixel_array
 from pydicom.uid import (
+    DeflatedExplicitVRLittleEndian,
     JPEG2000,
     DigitalXRayImageStorageForPresentation,
     ExplicitVRLittleEndian,
@@ -341,3 +342,17 @@ def test_image_file_header_reads_dicom_and_png_sizes(tmp_path):
     assert (image_file_header(tmp_path / "a.dcm").width, image_file_header(tmp_path / "a.dcm").height) == (80, 64)
     header = image_file_header(tmp_path / "b.png")
     assert (header.format, header.width, header.height) == ("PNG", 50, 30)
+
+
+def test_deflated_dicom_is_inflated_with_a_cap():
+    plain = dicom_bytes(gradient())
+    deflated = dicom_bytes(gradient(), syntax=DeflatedExplicitVRLittleEndian)
+    assert len(deflated) < len(plain) and np.array_equal(read_dicom(deflated, LIMITS), read_dicom(plain, LIMITS))
+    bomb = dicom_bytes(np.zeros((1000, 1000), np.uint16), syntax=DeflatedExplicitVRLittleEndian)  # 2 MB in ~3 KB
+    with pytest.raises(CxrError, match="deflated DICOM inflates to more than 1 MiB"):
+        read_dicom(bomb, DecodeLimits(max_pixels=10**9, min_side=2, max_decoded_bytes=2**20))
+
+
+def test_dicom_memory_bound_counts_the_float_working_copies():
+    with pytest.raises(CxrError, match=r"needs 0 MiB to decode, over the bound"):
+        read_dicom(dicom_bytes(gradient()), DecodeLimits(max_pixels=10**9, min_side=2, max_decoded_bytes=64 * 80 * 8 - 1))

@@ -221,6 +221,9 @@ def test_external_items_reject_duplicates_escapes_and_bad_lines(tmp_path):
         "only two\n"
         "COVID 4 c.png negative src\n"
     )
+    (tmp_path / "test").mkdir()
+    for name in ("a.b.png", "c.png"):  # present: a missing or linked-out file is a reject at this stage too
+        (tmp_path / "test" / name).write_bytes(b"x")
     items, rejects = external_test_items(tmp_path)
     assert [(i["filename"], i["label"], i["patient_id"]) for i in items] == [("a.b.png", 1, "p 1"), ("c.png", 0, "COVID 4")]
     assert items[0]["path"] == tmp_path / "test" / "a.b.png"
@@ -245,3 +248,16 @@ def test_external_root_may_name_compressed_dicom(tmp_path, external):
     assert result.exit_code == 0, result.output
     report = json.loads((tmp_path / "external.json").read_text())
     assert report["n_test"] == len(lines) and report["dataset"]["reject_count"] == 0
+
+
+def test_plots_folder_with_user_files_is_refused(tmp_path):
+    from train.evaluate import Predictions, write_plots
+
+    (tmp_path / "plots").mkdir()
+    (tmp_path / "plots" / "thesis.pdf").write_bytes(b"%PDF")
+    pred = Predictions(["a", "b"], np.array([0, 1]), np.array([0.2, 0.9]), [{}, {}])
+    with pytest.raises(CxrError, match="refusing to write into .*thesis.pdf"):
+        write_plots(tmp_path / "plots", pred, 0.5)
+    assert sorted(p.name for p in (tmp_path / "plots").iterdir()) == ["thesis.pdf"]
+    write_plots(tmp_path / "fresh", pred, 0.5)
+    assert {"roc.json", "pr.json", "confusion.csv"} <= {p.name for p in (tmp_path / "fresh").iterdir()}

@@ -201,3 +201,13 @@ def test_onnx_matches_pytorch_on_real_test_images(tmp_path, covidx_mini):
     print(f"real test images: {len(images)}, max |P_onnx - P_torch| = {np.abs(got - expected).max():.3g}")
     assert np.abs(got - expected).max() <= TOLERANCE
     assert 0.01 < np.median(expected) < 0.99 and np.ptp(expected) > 1e-3  # not a saturated, vacuous comparison
+
+
+def test_export_never_overwrites_a_file_it_did_not_write(tmp_path, resnet50_onnx):
+    from train.export import _check_replaceable
+
+    notes = tmp_path / "notes.onnx"
+    notes.write_text("my notes")
+    with pytest.raises(CxrError, match="not an ONNX model written by `cxr export`"):
+        _check_replaceable(notes)
+    _check_replaceable(resnet50_onnx[1])  # our own export may be replaced

@@ -120,3 +120,41 @@ def test_declared_huge_size_is_refused_before_decoding(side):
 def test_too_small_is_rejected():
     with pytest.raises(ImageRejected, match="too small"):
         decode_grey(encode(np.zeros((10, 10), np.uint8), "PNG"), LIMITS)
+
+
+@pytest.mark.parametrize("fmt", ["TIFF", "GIF", "PNG"])
+def test_multi_frame_images_are_refused_everywhere(fmt):
+    frames = [Image.fromarray(gradient()), Image.fromarray(255 - gradient())]
+    buf = io.BytesIO()
+    frames[0].save(buf, fmt, save_all=True, append_images=frames[1:])
+    with pytest.raises(ImageRejected, match="multi-frame image .* 2 frames"):
+        decode_grey(buf.getvalue(), LIMITS)
+
+
+def test_jpeg_with_corrupt_entropy_data_is_rejected_not_smeared():
+    rng = np.random.default_rng(0)
+    data = bytearray(encode((rng.random((256, 256)) * 255).astype(np.uint8), "JPEG"))
+    data[len(data) // 2] ^= 0x55  # one flipped byte in the scan: libjpeg warns and carries on
+    with pytest.raises(ImageRejected, match="corrupt JPEG data"):
+        decode_grey(bytes(data), LIMITS)
+    assert decode_grey(encode(gradient(), "JPEG"), LIMITS).shape == (400, 300)  # clean JPEGs still decode
+
+
+def test_memory_bound_counts_decoded_bytes_not_pixels():
+    g = gradient()
+    limits = DecodeLimits(max_pixels=50_000_000, min_side=32, max_decoded_bytes=400 * 300 * 2)
+    assert decode_grey(encode(g, "PNG"), limits).shape == (400, 300)  # 1 byte a pixel: within
+    rgb = encode(np.dstack([g, g, g]), "PNG")  # same pixels, 3 bytes each: over
+    with pytest.raises(ImageRejected, match=r"MiB to decode \(300x400 RGB\).*max_decoded_bytes"):
+        decode_grey(rgb, limits)
+    with pytest.raises(ImageRejected, match="over the bound"):  # the encoded file itself counts too
+        decode_grey(encode(g, "PNG") + b"\0" * 400 * 300 * 2, limits)
+
+
+def test_sixteen_bit_scaling_is_exact_and_stays_integer():
+    from pipeline.preprocess import to_grey_u8
+
+    img = (np.random.default_rng(1).integers(100, 4096, (64, 80))).astype(np.uint16)
+    f = img.astype(np.float32)
+    expected = np.round((f - f.min()) * (255.0 / (f.max() - f.min()))).astype(np.uint8)
+    assert np.array_equal(to_grey_u8(img), expected)

@@ -1,4 +1,5 @@
 import json
+import os
 from collections import defaultdict
 from pathlib import Path
 
@@ -95,3 +96,63 @@ def test_wrong_root_fails_clearly(tmp_path):
         f.unlink()
     with pytest.raises(CxrError, match="right dataset root"):
         run(root, tmp_path)
+
+
+def test_links_out_of_the_root_folders_and_fifos_are_rejects_not_crashes(tmp_path):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    cv2.imwrite(str(outside / "secret.png"), np.full((80, 80), 7, np.uint8))
+    extra = ["x out.png positive s", "x linkdir/secret.png positive s", "x dir.png negative s", "x fifo.png negative s"]
+    root = write_dataset(tmp_path / "ds", extra_lines=extra)
+    (root / "train" / "out.png").symlink_to(outside / "secret.png")
+    (root / "train" / "linkdir").symlink_to(outside)
+    (root / "train" / "dir.png").mkdir()
+    os.mkfifo(root / "train" / "fifo.png")
+    _, entries, report = run(root, tmp_path)
+    reasons = sorted(r["reason"] for r in report["rejects"])
+    assert len(reasons) == 4 and sum("outside the dataset root" in r for r in reasons) == 2
+    assert any("is a folder" in r for r in reasons) and any("not a regular file" in r for r in reasons)
+    assert len(entries) + report["reject_count"] == report["lines"]
+
+
+def test_duplicates_by_normalised_path_and_by_content_within_a_split_are_rejects(tmp_path):
+    root = write_dataset(tmp_path / "ds")
+    (root / "train" / "copy.png").write_bytes((root / "train" / "train.pt1.img.0.png").read_bytes())
+    with open(root / "train.txt", "a") as fh:
+        fh.write("train patient 0 ./train.pt0.img.0.png negative src0\n")
+        fh.write("someone else copy.png positive src0\n")
+    _, entries, report = run(root, tmp_path)
+    reasons = [r["reason"] for r in report["rejects"]]
+    assert any("duplicate filename in train.txt (same as line 1)" in r for r in reasons)
+    assert any("same content (sha256) as line 3 (train.pt1.img.0.png)" in r for r in reasons)
+    assert len(entries) == 48
+
+
+@pytest.mark.parametrize("policy", ["report", "drop", "fail"])
+def test_an_image_in_two_label_files_is_a_leak_handled_by_policy(tmp_path, policy):
+    root = write_dataset(tmp_path / "ds")
+    shared = root / "test" / "test.pt0.img.0.png"
+    (root / "train" / "leaked.png").write_bytes(shared.read_bytes())
+    with open(root / "train.txt", "a") as fh:
+        fh.write("new patient leaked.png negative src0\n")
+    if policy == "fail":
+        with pytest.raises(CxrError, match="1 image.*shared between label files.*leaked.png"):
+            run(root, tmp_path, leaks=policy)
+        assert json.loads((tmp_path / "r.json").read_text())["leak_count"] == 1  # evidence written
+        return
+    summary, entries, report = run(root, tmp_path, leaks=policy)
+    (leak,) = report["leaks"]
+    assert leak["splits"] == ["train", "test"] and leak["train"]["filename"] == "leaked.png"
+    assert leak["test"]["filename"] == "test.pt0.img.0.png" and summary["leak_count"] == 1
+    kept = {e.filename for e in entries}
+    assert ("leaked.png" in kept) == (policy == "report") and "test.pt0.img.0.png" in kept
+    assert len(entries) + report["reject_count"] == report["lines"]
+
+
+def test_the_full_rejects_list_is_written_when_the_threshold_fails(tmp_path):
+    root = write_dataset(tmp_path / "ds", extra_lines=[f"x missing{i}.png negative s" for i in range(10)])
+    with pytest.raises(CxrError, match="all rejects in"):
+        run(root, tmp_path, max_reject_fraction=0.01)
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["reject_count"] == 10 == len(report["rejects"]) and "failed" in report
+    assert not (tmp_path / "m.jsonl").exists()

@@ -152,7 +152,7 @@ def test_heatmaps_one_png_per_image_with_unique_names(tmp_path, inputs, checkpoi
     result = run(str(twins), str(inputs / "c.jpg"), "--model", str(checkpoint), "--out", str(tmp_path / "p.csv"),
                  "--heatmaps", str(maps))  # fmt: skip
     assert result.exit_code == 0, result.output
-    written = sorted(p.name for p in maps.iterdir())
+    written = sorted(p.name for p in maps.iterdir() if not p.name.startswith("."))  # not the ownership marker
     expected = sorted(heatmap_name(p) for p in (twins / "x" / "same.png", twins / "y" / "same.png", inputs / "c.jpg"))
     assert written == expected and len(set(written)) == 3 and written[0].startswith(("c-", "same-"))
     with Image.open(maps / heatmap_name(inputs / "c.jpg")) as png:
@@ -201,3 +201,36 @@ def test_inconsistent_checkpoint_meta_is_refused(tmp_path, inputs, checkpoint):
 def _meta_args(meta: dict) -> dict:
     keys = ("model", "variant", "input_size", "preprocess", "params", "threshold", "epoch", "val_loss")
     return {k: meta[k] for k in keys}
+
+
+def test_user_files_are_never_replaced(tmp_path, inputs, checkpoint):
+    sheet = tmp_path / "budget.csv"
+    sheet.write_text("month,amount\njan,3\n")
+    result = run(str(inputs / "a.png"), "--model", str(checkpoint), "--out", str(sheet))
+    assert result.exit_code == 1 and "not a CSV written by `cxr predict`" in result.output
+    assert sheet.read_text() == "month,amount\njan,3\n"
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    (photos / "holiday.png").write_bytes(b"precious")
+    result = run(str(inputs / "a.png"), "--model", str(checkpoint), "--out", str(tmp_path / "p.csv"),
+                 "--heatmaps", str(photos))  # fmt: skip
+    assert result.exit_code == 1 and "refusing to write into" in result.output
+    assert sorted(p.name for p in photos.iterdir()) == ["holiday.png"]
+
+
+def test_rows_are_streamed_so_a_crash_keeps_the_decided_ones(tmp_path, inputs, checkpoint, monkeypatch):
+    import train.predict as predict_module
+
+    real = predict_module._load_or_reason
+
+    def crash_on_tiff(path, cfg):
+        if path.suffix == ".tiff":
+            raise KeyboardInterrupt  # stands in for a kill: nothing after this point runs
+        return real(path, cfg)
+
+    monkeypatch.setattr(predict_module, "_load_or_reason", crash_on_tiff)
+    out = tmp_path / "p.csv"
+    with pytest.raises(KeyboardInterrupt):
+        predict_module.predict([str(inputs / n) for n in ("a.png", "b16.png", "d.tiff")], checkpoint=checkpoint,
+                               out_csv=out, batch_size=2, workers=1, device=torch.device("cpu"), progress=False)  # fmt: skip
+    assert set(read_rows(out)) == {str(inputs / "a.png"), str(inputs / "b16.png")}

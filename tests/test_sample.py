@@ -216,3 +216,12 @@ def test_opacities_add_density_inside_the_lungs_only():
     assert extra.min() >= 0 and extra.sum() > 0
     lungs = lung_fields(x, y, anatomy)
     assert extra[lungs == 0].max() == 0
+
+
+def test_a_user_file_inside_an_earlier_sample_stops_the_replacement(tmp_path):
+    out = tmp_path / "sample"
+    generate_sample(out, 2, 2, 1)
+    (out / "my-notes.txt").write_text("keep me")
+    with pytest.raises(CxrError, match="holds 'my-notes.txt'"):
+        generate_sample(out, 2, 2, 1)
+    assert (out / "my-notes.txt").read_text() == "keep me"

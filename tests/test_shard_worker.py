@@ -23,7 +23,7 @@ def task_for(path, sha256=None):
     data = path.read_bytes()
     entry = ManifestEntry("train_000000", "train", path.name, 1, "p1", "src", path.name,
                           sha256 or hashlib.sha256(data).hexdigest(), len(data))
-    return ShardTask(entry, str(path), CFG)
+    return ShardTask(entry, str(path.parent), CFG)
 
 
 def test_shard_png_is_a_lossless_copy_of_the_preprocessed_image(tmp_path):
@@ -44,7 +44,7 @@ def test_missing_changed_and_broken_files_come_back_as_reasons(tmp_path):
     gone = task_for(path)
     path.unlink()
     result = process_one(gone)
-    assert result.png is None and "cannot read file" in result.reason
+    assert result.png is None and "missing file" in result.reason
 
 
 def test_pool_workers_give_the_same_bytes_as_the_main_process(tmp_path):

@@ -12,6 +12,7 @@ the bottleneck.
 
 from __future__ import annotations
 
+import re
 import tempfile
 import time
 from dataclasses import replace
@@ -32,6 +33,8 @@ from train.loop import make_optimizer, train_one_epoch, weighted_bce
 from train.models import build_model, model_spec
 from train.runtime import Runtime, start_runtime
 
+SAFE_KEY = re.compile(r"[A-Za-z0-9_]{1,64}")  # the shard stage writes keys like "train_000123"
+
 
 def export_image_folder(summary: ShardSummary, split: str, root: Path) -> int:
     """Write the split's PNG bytes, unchanged, as root/<class>/<key>.png (ImageFolder layout)."""
@@ -39,8 +42,12 @@ def export_image_folder(summary: ShardSummary, split: str, root: Path) -> int:
         (root / name).mkdir(parents=True, exist_ok=True)
     count = 0
     for sample in wds.DataPipeline(wds.SimpleShardList(summary.shard_paths(split)), wds.tarfile_to_samples()):
-        label = int(sample["cls"])
-        (root / CLASS_NAMES[label] / f"{sample['__key__']}.png").write_bytes(sample["png"])
+        # Tar member names come from a file that may have been crafted: validated before use as a path.
+        key, cls = sample.get("__key__"), sample.get("cls")
+        if not isinstance(key, str) or not SAFE_KEY.fullmatch(key) or cls not in (b"0", b"1"):
+            raise CxrError(f"{sample.get('__url__', 'a shard')}: sample {key!r} has an invalid key or class; "
+                           "not a shard written by `cxr shard`")  # fmt: skip
+        (root / CLASS_NAMES[int(cls)] / f"{key}.png").write_bytes(sample["png"])
         count += 1
     return count
 

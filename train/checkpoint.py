@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from pipeline.errors import CxrError
+from pipeline.params import MODEL_NAMES, VARIANTS
 from pipeline.shard_format import CLASS_NAMES
 from train.models import ScreeningNet, build_model
 
@@ -54,7 +55,12 @@ class Checkpoint:
 
     def build(self) -> ScreeningNet:
         model = build_model(self.model_name)
-        model.load_state_dict(self.state_dict)
+        try:
+            model.load_state_dict(self.state_dict)
+        except RuntimeError as exc:  # torch lists every missing/unexpected key over many lines
+            first = str(exc).strip().splitlines()
+            raise CxrError(f"{self.path}: weights do not fit a {self.model_name}: "
+                           f"{' '.join(line.strip() for line in first[:2])[:300]}") from None  # fmt: skip
         model.eval()
         return model
 
@@ -119,9 +125,45 @@ def load_checkpoint(path: Path | str) -> Checkpoint:
         raw = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises several types for corrupt or unsafe files
         raise CxrError(f"cannot load checkpoint {path}: {exc}") from exc
-    if not isinstance(raw, dict) or raw.get("meta", {}).get("format") != FORMAT:
+    if not isinstance(raw, dict) or not isinstance(raw.get("meta"), dict) or raw["meta"].get("format") != FORMAT:
         raise CxrError(f"{path} is not a cxr-screen checkpoint (expected format {FORMAT})")
-    return Checkpoint(path=path, meta=raw["meta"], state_dict=raw["state_dict"], extra=raw.get("extra", {}))
+    validate_meta(raw["meta"], str(path))
+    state = raw.get("state_dict")
+    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
+        raise CxrError(f"{path}: state_dict must map parameter names to tensors")
+    extra = raw.get("extra", {})
+    return Checkpoint(path=path, meta=raw["meta"], state_dict=state, extra=extra if isinstance(extra, dict) else {})
+
+
+MAX_INPUT_SIZE = 1024
+
+
+def validate_meta(meta: Any, where: str) -> dict[str, Any]:
+    """Checkpoint meta (also stored in ONNX files) checked against its schema and bounds.
+
+    Run before anything is built or allocated from it: these files travel, and a
+    crafted `input_size` or threshold must be one clear line, not an OOM or a
+    KeyError traceback.
+    """
+    def need(ok: bool, what: str) -> None:
+        if not ok:
+            raise CxrError(f"{where}: invalid model meta: {what}")
+
+    need(isinstance(meta, dict), "not a mapping")
+    need(meta.get("model") in MODEL_NAMES, f"model must be one of {list(MODEL_NAMES)}, got {meta.get('model')!r}")
+    need(meta.get("variant") in VARIANTS, f"variant must be one of {list(VARIANTS)}")
+    size = meta.get("input_size")
+    need(isinstance(size, int) and not isinstance(size, bool) and 32 <= size <= MAX_INPUT_SIZE,
+         f"input_size must be an integer in [32, {MAX_INPUT_SIZE}], got {size!r}")  # fmt: skip
+    need(meta.get("class_names") == list(CLASS_NAMES), f"class_names must be {list(CLASS_NAMES)}")
+    threshold = meta.get("threshold")
+    value = threshold.get("value") if isinstance(threshold, dict) else None
+    need(isinstance(value, (int, float)) and not isinstance(value, bool) and 0.0 <= value <= 1.0,
+         "threshold.value must be a number in [0, 1]")  # fmt: skip
+    # The rest of preprocess is bounds-checked by PreprocessConfig.from_dict wherever images are decoded.
+    preprocess = meta.get("preprocess")
+    need(isinstance(preprocess, dict) and preprocess.get("size") == size, "preprocess.size must equal input_size")
+    return meta
 
 
 def file_sha256(path: Path) -> str:

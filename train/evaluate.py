@@ -23,6 +23,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -35,7 +36,8 @@ from tqdm import tqdm
 
 from pipeline.errors import CxrError
 from pipeline.imageio import ImageRejected
-from pipeline.labels import parse_label_file
+from pipeline.labels import open_inside, parse_label_file
+from pipeline.ownership import claim_folder
 from pipeline.params import EvaluateParams
 from pipeline.preprocess import PreprocessConfig, preprocess_bytes
 from pipeline.shard_format import CLASS_NAMES, ShardSummary, read_summary
@@ -153,6 +155,8 @@ def evaluate_shards(
         "val": split_report(preds["val"], float(threshold["value"]), params, seed),
         "bootstrap": {"resamples": params.bootstrap, "seed": seed, "method": "percentile, resampling images"},
         "shards": str(summary.directory),
+        # Images shared between label files (ingest's data.leaks): nonzero means test may overlap training.
+        "leaks_between_splits": summary.raw.get("leak_count", 0),
         "device": str(device),
     }
     return EvalResult(report, preds["test"])
@@ -161,7 +165,8 @@ def evaluate_shards(
 def external_test_items(root: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """ROOT/test.txt -> images to score (ROOT/test/<filename>) and label lines rejected with reasons.
 
-    Filenames that would escape ROOT are rejected by the label parser.
+    Filenames that would escape ROOT are rejected by the label parser; a file that
+    is a symlink out of ROOT, a folder or unreadable is rejected here with its reason.
     """
     lines, bad = parse_label_file(root / "test.txt")
     rejects = [{"line": r.line_no, "text": r.text, "reason": r.reason} for r in bad]
@@ -171,6 +176,11 @@ def external_test_items(root: Path) -> tuple[list[dict[str, Any]], list[dict[str
             rejects.append({"line": line.line_no, "filename": line.filename, "reason": "duplicate filename in test.txt"})
             continue
         seen.add(line.filename)
+        opened = open_inside(root, f"test/{line.filename}")
+        if isinstance(opened, str):
+            rejects.append({"line": line.line_no, "filename": line.filename, "reason": opened})
+            continue
+        os.close(opened[0])
         items.append(
             {
                 "key": f"ext_{line.line_no:06d}",
@@ -281,8 +291,12 @@ def write_predictions(path: Path, pred: Predictions, threshold: float) -> None:
     os.replace(tmp, path)
 
 
+PLOT_NAMES = (re.compile(r"roc\.json"), re.compile(r"pr\.json"), re.compile(r"confusion\.csv"))
+
+
 def write_plots(plots_dir: Path, pred: Predictions, threshold: float) -> None:
     """ROC and PR points (JSON lists) and one (actual, predicted) row per image for DVC's confusion template."""
+    claim_folder(plots_dir, "evaluate-plots", PLOT_NAMES)
     write_json(plots_dir / "roc.json", metrics.roc_points(pred.labels, pred.probs))
     write_json(plots_dir / "pr.json", metrics.pr_points(pred.labels, pred.probs))
     predicted = metrics.predict_labels(pred.probs, threshold)

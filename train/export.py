@@ -23,6 +23,7 @@ import io
 import json
 import logging
 import os
+import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -36,7 +37,7 @@ from tqdm import tqdm
 
 from pipeline.errors import CxrError
 from pipeline.shard_format import read_summary
-from train.checkpoint import Checkpoint, load_checkpoint
+from train.checkpoint import Checkpoint, load_checkpoint, validate_meta
 
 log = logging.getLogger(__name__)
 
@@ -72,8 +73,12 @@ def export_onnx(
     size = ckpt.input_size
     example = torch.rand(2, 1, size, size, generator=torch.Generator().manual_seed(0))
 
+    _check_replaceable(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_path.with_name(out_path.name + ".tmp")
+    # A unique temp name beside the target: two exports to one folder never share it.
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{out_path.name}.", suffix=".tmp", dir=out_path.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
     # A step bar: tracing a large network takes tens of seconds on a CPU, and so does the check.
     bar = tqdm(total=3, desc=f"export {ckpt.model_name}", unit="step", disable=not show_progress, leave=False)
     try:
@@ -102,6 +107,19 @@ def export_onnx(
         tmp.unlink(missing_ok=True)
     log.info("exported %s with %s in %.1f s to %s: %s", ckpt.model_name, exporter, seconds, out_path, verification)
     return out_path
+
+
+def _check_replaceable(out_path: Path) -> None:
+    """Refuse to overwrite a file that is not an ONNX model this command wrote (own only what you write)."""
+    if not out_path.exists():
+        return
+    try:
+        proto = onnx.load(str(out_path), load_external_data=False)
+        ours = proto.producer_name == "cxr-screen" and any(p.key == META_KEY for p in proto.metadata_props)
+    except Exception:  # not ONNX at all (protobuf raises assorted types): certainly not ours
+        ours = False
+    if not ours:
+        raise CxrError(f"refusing to overwrite {out_path}: it is not an ONNX model written by `cxr export`")
 
 
 def _export(model: torch.nn.Module, example: torch.Tensor, path: Path) -> str:
@@ -242,11 +260,17 @@ def onnx_meta(session: ort.InferenceSession, path: Path | str = "<onnx>") -> dic
     raw = session.get_modelmeta().custom_metadata_map.get(META_KEY)
     if raw is None:
         raise CxrError(f"{path} has no '{META_KEY}' metadata: it was not written by `cxr export`")
-    meta = json.loads(raw)
-    missing = [k for k in META_REQUIRED if k not in meta]
+    try:
+        meta = json.loads(raw)
+    except ValueError as exc:
+        raise CxrError(f"{path}: '{META_KEY}' metadata is not JSON: {exc}") from None
+    missing = [k for k in META_REQUIRED if not isinstance(meta, dict) or k not in meta]
     if missing:
         raise CxrError(f"{path}: '{META_KEY}' metadata lacks {missing}; re-export it with `cxr export`")
-    return meta
+    sha = meta["checkpoint_sha256"]
+    if not (isinstance(sha, str) and len(sha) == 64 and all(c in "0123456789abcdef" for c in sha)):
+        raise CxrError(f"{path}: '{META_KEY}' metadata: checkpoint_sha256 must be 64 hex digits")
+    return validate_meta(meta, str(path))
 
 
 def onnx_probabilities(session: ort.InferenceSession, images: np.ndarray) -> np.ndarray:

@@ -7,15 +7,20 @@ trainer chose on validation. With `onnx_path` they come from the metadata that
 `cxr export` stored in the .onnx file (see train/export.py).
 
 An input that cannot be read gets a row with its reason and the run goes on;
-the caller turns `PredictSummary.failed` into the exit code.
+the caller turns `PredictSummary.failed` into the exit code. Rows are streamed
+to the CSV batch by batch (flushed), so a crash or kill keeps every row
+decided so far; the CSV and the heatmap folder are replaced only when they are
+this command's own (pipeline.ownership).
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import glob
 import hashlib
 import os
+import re
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -29,6 +34,7 @@ from tqdm import tqdm
 
 from pipeline.dicom import DICOM_SUFFIXES, looks_like_dicom
 from pipeline.errors import CxrError
+from pipeline.ownership import claim_folder
 from pipeline.preprocess import PreprocessConfig, preprocess_bytes
 from pipeline.shard_format import CLASS_NAMES
 from train.checkpoint import load_checkpoint
@@ -38,6 +44,7 @@ from train.metrics import predict_labels
 CSV_COLUMNS = ("path", "probability", "decision", "threshold", "model", "error")
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".tif", ".tiff", *DICOM_SUFFIXES})
 _GLOB_CHARS = frozenset("*?[")
+HEATMAP_NAME = re.compile(r".+-[0-9a-f]{10}\.png")  # heatmap_name's pattern: all a heatmap folder may hold
 
 
 @dataclass(frozen=True)
@@ -107,7 +114,11 @@ def _has_dicom_magic(path: Path) -> bool:
 def load_image(path: Path, cfg: PreprocessConfig) -> np.ndarray:
     """One input file -> the model's uint8 (size, size) input, by the shard stage's functions."""
     try:
-        data = path.read_bytes()
+        with open(path, "rb") as fh:
+            size = os.fstat(fh.fileno()).st_size
+            if size > cfg.max_decoded_bytes:  # checked before reading: the file itself must fit the bound
+                raise CxrError(f"file is {size / 2**20:.0f} MiB, over the bound of {cfg.max_decoded_bytes / 2**20:.0f} MiB")
+            data = fh.read(cfg.max_decoded_bytes + 1)
     except OSError as exc:
         raise CxrError(f"cannot read file: {exc.strerror or exc}") from None
     return preprocess_bytes(data, cfg, str(path))
@@ -211,11 +222,13 @@ def predict(
             "error": error,
         }
 
+    if heatmaps_dir is not None:
+        claim_folder(heatmaps_dir, "predict-heatmaps", [HEATMAP_NAME])
     rows = [row(arg, error=reason) for arg, reason in unmatched]
-    out_csv.parent.mkdir(parents=True, exist_ok=True)
-    with ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 1) as pool, tqdm(
+    with _csv_rows(out_csv) as write_rows, ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 1) as pool, tqdm(
         total=len(files), unit="img", desc="predict", disable=not progress
     ) as bar:
+        write_rows(rows)
         # Decoding releases the GIL (OpenCV, Pillow, numpy), so threads overlap it.
         for start in range(0, len(files), batch_size):
             chunk = files[start : start + batch_size]
@@ -223,11 +236,12 @@ def predict(
             ok = [(path, img) for path, img in zip(chunk, loaded) if not isinstance(img, str)]
             probs = model.probabilities(np.stack([img for _, img in ok])) if ok else np.empty(0)
             by_path = {path: float(p) for (path, _), p in zip(ok, probs)}
-            rows += [row(str(p), by_path.get(p), "" if p in by_path else img) for p, img in zip(chunk, loaded)]
+            batch_rows = [row(str(p), by_path.get(p), "" if p in by_path else img) for p, img in zip(chunk, loaded)]
+            write_rows(batch_rows)
+            rows += batch_rows
             if heatmaps_dir is not None and ok:
                 _write_heatmaps(model.cam_model, ok, heatmaps_dir, device)
             bar.update(len(chunk))
-    _write_csv(out_csv, rows)
     decided = [r for r in rows if not r["error"]]
     positives = sum(r["decision"] == CLASS_NAMES[1] for r in decided)
     return PredictSummary(
@@ -248,10 +262,36 @@ def _write_heatmaps(model: torch.nn.Module, ok: list[tuple[Path, np.ndarray]], o
         write_overlay(out_dir / heatmap_name(path), img, heatmap)
 
 
-def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", newline="") as fh:
+@contextlib.contextmanager
+def _csv_rows(path: Path) -> Iterator[Callable[..., None]]:
+    """A row writer on `path`, flushed after every batch so a killed run keeps its decided rows.
+
+    An existing file is replaced only if it is one of ours (our header on its
+    first line): `--out notes.csv` must not destroy a user's spreadsheet.
+    """
+    header = ",".join(CSV_COLUMNS)
+    if path.exists():
+        try:
+            with open(path, encoding="utf-8", errors="replace", newline="") as fh:
+                first = fh.readline(len(header) + 2).rstrip("\r\n")
+        except OSError as exc:
+            raise CxrError(f"cannot read {path}: {exc.strerror or exc}") from None
+        if first != header:
+            raise CxrError(f"refusing to overwrite {path}: it is not a CSV written by `cxr predict`")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fh = open(path, "w", newline="", encoding="utf-8")
+    except OSError as exc:
+        raise CxrError(f"cannot write {path}: {exc.strerror or exc}") from None
+    with fh:
         writer = csv.DictWriter(fh, fieldnames=CSV_COLUMNS)
-        writer.writeheader()
-        writer.writerows(rows)
-    os.replace(tmp, path)
+
+        def write(rows: list[dict[str, Any]] | None = None) -> None:
+            try:
+                writer.writerows(rows) if rows is not None else writer.writeheader()
+                fh.flush()
+            except OSError as exc:  # a full disk mid-run: one clean line, the rows so far stay
+                raise CxrError(f"cannot write {path}: {exc.strerror or exc}") from None
+
+        write()
+        yield write
