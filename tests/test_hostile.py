@@ -192,7 +192,7 @@ def test_every_label_line_is_written_or_rejected_with_a_reason_and_nothing_outsi
         "empty.png": "empty file", "text.png": "unrecognised format", "truncated.png": "truncated",
         "corrupt.jpg": "corrupt JPEG data", "pages.tif": "multi-frame", "anim.gif": "multi-frame",
         "huge16.png": "max_decoded_bytes", "bomb.png": "over the bound", "tiny.png": "too small",
-        "scan.dcm": "unrecognised format", "eio.png": "Input/output error", "out.png": "outside the dataset root",
+        "scan.dcm": "DICOM has no pixel data", "eio.png": "Input/output error", "out.png": "outside the dataset root",
         "outdir/secret.png": "outside the dataset root", "folder.png": "is a folder", "fifo.png": "not a regular file",
         "missing.png": "missing file", "copy.png": "same content (sha256)", "good.0.png": "duplicate filename",
     }  # fmt: skip
