@@ -158,7 +158,8 @@ def validate_meta(meta: Any, where: str) -> dict[str, Any]:
     need(meta.get("class_names") == list(CLASS_NAMES), f"class_names must be {list(CLASS_NAMES)}")
     threshold = meta.get("threshold")
     value = threshold.get("value") if isinstance(threshold, dict) else None
-    need(isinstance(value, (int, float)) and not isinstance(value, bool) and 0.0 <= value <= 1.0,
+    # None in last.pt: the resume state is saved before a threshold is chosen on validation.
+    need(value is None or (isinstance(value, (int, float)) and not isinstance(value, bool) and 0.0 <= value <= 1.0),
          "threshold.value must be a number in [0, 1]")  # fmt: skip
     # The rest of preprocess is bounds-checked by PreprocessConfig.from_dict wherever images are decoded.
     preprocess = meta.get("preprocess")
