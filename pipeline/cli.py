@@ -63,6 +63,13 @@ def _main(
 
 
 ParamsOpt = Annotated[Path, typer.Option("--params", help="params.yaml to read (read once, strictly)")]
+EngineOpt = Annotated[
+    str,
+    typer.Option(
+        help="auto: ONNX Runtime, built once per checkpoint and kept only if it matches PyTorch within 1e-4 on "
+        "the first batch, else eager PyTorch (a one-line note says why); onnxruntime: that or an error; eager"
+    ),
+]
 
 
 def _fail_cleanly(fn):
@@ -312,6 +319,32 @@ def bench_train(
     )
 
 
+@app.command("bench-screen", rich_help_panel=BENCHMARKS)
+@_fail_cleanly
+def bench_screen(
+    root: Annotated[Path, typer.Option(help="COVIDx-layout root whose images are cycled into the test set")] = Path(
+        "../shared/covidx-mini"
+    ),
+    images: Annotated[int, typer.Option(help="Images in the timed external test set")] = 1000,
+    model: Annotated[
+        Optional[Path], typer.Option(help="Checkpoint to time (default: a random --arch; weights do not change speed)")
+    ] = None,
+    arch: Annotated[str, typer.Option(help="Network to time when no --model is given")] = "densenet121",
+    rounds: Annotated[int, typer.Option(help="Interleaved rounds of eager and default (the fastest of each is kept)")] = 1,
+    params: ParamsOpt = Path("params.yaml"),
+) -> None:
+    """Benchmark `evaluate --root` end to end: the default engine against eager PyTorch, in one run.
+
+    Reads: ROOT's label files and images (linked into a temporary root of IMAGES test images), the
+    checkpoint, params (evaluate.*, train.num_workers, seed). Writes nothing but the ONNX cache;
+    prints images/s of both engines, their ratio and the one-time ONNX build time.
+    """
+    from train.bench_screen import run_screen_benchmark
+
+    p = _params(params)
+    _echo_json(run_screen_benchmark(p, root, images, model, arch, rounds))
+
+
 # ---- commands: evaluate, latency, report (owner: train/evaluate.py, train/latency.py, train/report.py + runs.py) ----
 
 
@@ -342,6 +375,7 @@ def evaluate(
         typer.Option(help="Directory for Fig. 8, misclassified test images with Grad-CAM (default: metrics/figures; "
                      "with --root none)"),  # fmt: skip
     ] = None,
+    engine: EngineOpt = "auto",
     params: ParamsOpt = Path("params.yaml"),
 ) -> None:
     """Score a checkpoint on the test and validation shards, or on an external dataset's test split.
@@ -349,7 +383,8 @@ def evaluate(
     Reads: the checkpoint (model, variant, threshold chosen on validation, preprocessing),
     the shards of its variant, params (evaluate.*, seed, train.num_workers; with --root also
     data.max_reject_fraction). Writes: OUT (metrics at the operating threshold, at 0.5 in
-    `at_0_5`, by source, with bootstrap CIs), the predictions CSV and the DVC plot files.
+    `at_0_5`, by source, with bootstrap CIs, and under `inference` the engine that ran),
+    the predictions CSV and the DVC plot files.
     """
     from train.evaluate import (
         evaluate_external,
@@ -361,7 +396,7 @@ def evaluate(
 
     p = _params(params)
     if root is None:
-        result = evaluate_shards(model, shards, p.evaluate, p.seed, p.train.num_workers, show_progress=True)
+        result = evaluate_shards(model, shards, p.evaluate, p.seed, p.train.num_workers, engine, show_progress=True)
         predictions = predictions or Path("metrics/predictions_test.csv")
         plots = plots or Path("metrics/plots")
         figures = figures or Path("metrics/figures")
@@ -371,7 +406,7 @@ def evaluate(
         items, rejects = external_test_items(root)
         result = evaluate_external(
             model, items, rejects, p.evaluate, p.seed, p.data.max_reject_fraction, p.train.num_workers, str(root),
-            show_progress=True,
+            engine=engine, show_progress=True,
         )
     write_outputs(result, out, predictions, plots)
     if figures is not None:
@@ -392,6 +427,7 @@ def evaluate(
             "roc_auc_ci95": r["roc_auc_ci95"],
             "sensitivity": r["sensitivity"],
             "specificity": r["specificity"],
+            "engine": r["inference"]["engine"],
         }
     )
     typer.echo(human_summary(r, out), err=True)  # stderr: stdout stays JSON
@@ -536,7 +572,7 @@ def predict(
             "With --onnx they come from the ONNX metadata and the checkpoint is read only for --heatmaps"
         ),
     ] = Path("models/best.pt"),
-    out: Annotated[Path, typer.Option(help="CSV to write: path, probability, decision, threshold, model, error")] = Path(
+    out: Annotated[Path, typer.Option(help="CSV to write: path, probability, decision, threshold, model, engine, error")] = Path(
         "predictions.csv"
     ),
     heatmaps: Annotated[
@@ -548,6 +584,7 @@ def predict(
     batch_size: Annotated[int, typer.Option(help="Images per inference batch")] = 32,
     workers: Annotated[int, typer.Option(help="Threads decoding images (0 = one per core)")] = 0,
     device: Annotated[str, typer.Option(help="PyTorch device: auto (CUDA when present), cpu, cuda, cuda:N")] = "auto",
+    engine: EngineOpt = "auto",
     progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show a progress bar")] = True,
 ) -> None:
     """Screen images: P(COVID-19) and a decision at the model's validation-chosen threshold.
@@ -577,6 +614,7 @@ def predict(
         batch_size=batch_size,
         workers=workers,
         device=torch_device,
+        engine=engine,
         progress=progress,
     )
     typer.echo(f"{summary.line()} -> {out}" + (f", heatmaps in {heatmaps}" if heatmaps else ""))

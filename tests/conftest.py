@@ -17,6 +17,15 @@ REPO = Path(__file__).resolve().parents[1]
 COVIDX_MINI = REPO.parent / "shared" / "covidx-mini"
 
 
+@pytest.fixture(autouse=True, scope="session")
+def private_onnx_cache(tmp_path_factory):
+    """The inference engine caches ONNX exports under XDG_CACHE_HOME: keep the tests' out of ~/.cache."""
+    patch = pytest.MonkeyPatch()
+    patch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("xdg-cache")))
+    yield
+    patch.undo()
+
+
 @pytest.fixture(scope="session")
 def covidx_mini() -> Path:
     if not (COVIDX_MINI / "train.txt").is_file():

@@ -43,6 +43,11 @@ def test_benchmark_times_both_trainers_and_the_loaders(tmp_path):
     for path in ("streaming", "naive_fp32", "streaming_fp32"):
         assert result[path]["images_per_s"] > 0
         assert 0.0 <= result[path]["data_wait_fraction"] < 1.0
+        achieved = result["achieved_gflops"][path]
+        assert achieved == pytest.approx(result[path]["images_per_s"] * result["train_gflop_per_image"])
+        best = max(result["conv_peak_gflops"].values())
+        assert result["share_of_peak"][path] == pytest.approx(achieved / best)
+    assert result["peak_precision"] in ("fp32", "bf16") and all(v > 0 for v in result["conv_peak_gflops"].values())
     loaders = result["loader_only_images_per_s"]
     assert set(loaders) == {"shards", "folder_decode", "folder_decode_affine"}
     assert all(rate > 0 for rate in loaders.values())

@@ -107,6 +107,7 @@ def test_evaluate_cli_writes_every_required_key(tmp_path, tiny):
     assert report["n_test"] == read_summary(shards).split("test").count == 8
     assert report["threshold"]["value"] == 0.52 and report["at_0_5"]["threshold"] == 0.5
     assert report["model"]["name"] == MODEL and len(report["model"]["checkpoint_sha256"]) == 64
+    assert report["inference"]["engine"] == "onnxruntime" and report["inference"]["first_batch_check"]["ok"]
 
     rows = list(csv.DictReader(preds.open()))
     assert len(rows) == 8 and len({r["key"] for r in rows}) == 8
@@ -134,7 +135,7 @@ def test_val_metrics_are_the_val_split(tmp_path):
     shards = make_tiny_shards(tmp_path / "s", per_class={"train": 2, "val": 3, "test": 5}, size=SIZE)
     ckpt = _checkpoint(tmp_path / "best.pt", "plain", read_summary(shards).preprocess)
     params = load_params(_params_file(tmp_path)).evaluate
-    result = evaluate_shards(ckpt, shards, params, seed=0, num_workers=0)
+    result = evaluate_shards(ckpt, shards, params, seed=0, num_workers=0, engine="eager")
     assert result.report["n_test"] == 10 and result.report["val"]["n"] == 6
     assert len(result.test.keys) == 10
 
@@ -200,7 +201,7 @@ def test_decoded_probabilities_match_a_direct_forward(tmp_path, tiny):
     """The loader path (uint8 -> /255 -> model) gives the same numbers as calling the model by hand."""
     shards, ckpt = tiny
     params = load_params(_params_file(tmp_path)).evaluate
-    result = evaluate_shards(ckpt, shards, params, seed=0, num_workers=0)
+    result = evaluate_shards(ckpt, shards, params, seed=0, num_workers=0, engine="eager")
     summary = read_summary(shards)
     sample = next(iter(wds.WebDataset(summary.shard_paths("test")[0], shardshuffle=False)))
     img = cv2.imdecode(np.frombuffer(sample["png"], np.uint8), cv2.IMREAD_UNCHANGED)

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageOps
 
+from pipeline import imageio
 from pipeline.imageio import DecodeLimits, ImageRejected, apply_orientation, decode_grey, reduction_factor
 
 LIMITS = DecodeLimits(max_pixels=50_000_000, min_side=32)
@@ -158,3 +159,31 @@ def test_sixteen_bit_scaling_is_exact_and_stays_integer():
     f = img.astype(np.float32)
     expected = np.round((f - f.min()) * (255.0 / (f.max() - f.min()))).astype(np.uint8)
     assert np.array_equal(to_grey_u8(img), expected)
+
+
+@pytest.mark.parametrize("mode", ["L", "LA", "RGB", "RGBA", "P", "I;16"])
+def test_libspng_png_decode_matches_opencvs_grey_decode(mode):
+    """The fast PNG path (libspng) gives OpenCV's grey picture: the same pixels for grey
+    sources, within one grey level for colour (rounding of the same luma weights)."""
+    rng = np.random.default_rng(0)
+    if mode == "I;16":
+        img = Image.fromarray(rng.integers(0, 65536, (40, 50), dtype=np.uint16))
+    else:
+        img = Image.fromarray(rng.integers(0, 256, (40, 50, 3), dtype=np.uint8)).convert(mode)
+    buf = io.BytesIO()
+    img.save(buf, "PNG")
+    fast = imageio._decode_png(buf.getvalue(), mode)
+    reference = cv2.imdecode(np.frombuffer(buf.getvalue(), np.uint8), cv2.IMREAD_GRAYSCALE | cv2.IMREAD_ANYDEPTH)
+    if mode in ("LA", "I;16"):  # libspng gets these wrong or refuses them: OpenCV decodes them
+        assert fast is None and np.array_equal(decode_grey(buf.getvalue(), LIMITS), reference)
+        return
+    assert fast.shape == reference.shape == (40, 50) and fast.dtype == reference.dtype
+    assert np.abs(fast.astype(int) - reference.astype(int)).max() <= (0 if mode == "L" else 1)
+
+
+def test_a_png_libspng_refuses_goes_to_the_other_decoders():
+    buf = io.BytesIO()
+    Image.fromarray(np.zeros((80, 80), np.uint8)).save(buf, "PNG")
+    assert imageio._decode_png(buf.getvalue()[:-30], "L") is None  # truncated: OpenCV, then Pillow, decide
+    with pytest.raises(ImageRejected):
+        decode_grey(buf.getvalue()[: len(buf.getvalue()) // 2], LIMITS)

@@ -4,6 +4,7 @@ import torch
 from torch import nn
 
 from train import machine
+from train.machine import conv_peak_gflops, train_flops_per_image
 
 
 def test_count_flops_hand_checked():
@@ -27,3 +28,18 @@ def test_peak_is_the_best_rate_any_probe_reached():
 def test_machine_description_is_never_empty():
     assert machine.cpu_model_name() and machine.available_cores() >= 1
     assert machine.allocator_name() in ("tcmalloc", "jemalloc", "system", "unknown")
+
+
+def test_training_flops_count_forward_and_the_weight_gradient():
+    """Hand-checked: a 1->4 channel 3x3 conv on 8x8 is 2*4*9*64 = 4608 FLOPs forward; backward
+    adds the weight gradient (4608 again) and no input gradient (the images need none)."""
+    conv = torch.nn.Conv2d(1, 4, 3, padding=1, bias=False)
+    assert train_flops_per_image(conv, 8) == 2 * 4608
+    assert conv.weight.grad is None  # the count leaves no gradients behind
+
+
+def test_conv_peak_is_a_positive_rate_in_both_precisions():
+    torch.set_num_threads(1)
+    assert conv_peak_gflops(torch.float32, runs=1) > 0.5
+    assert conv_peak_gflops(torch.bfloat16, runs=1) > 0.05
+

@@ -107,15 +107,23 @@ def test_predict_folder_records_every_input_and_fails_with_exit_2(tmp_path, inpu
         assert row["error"] == "", (name, row["error"])
         prob, threshold = float(row["probability"]), float(row["threshold"])
         assert threshold == ckpt.threshold
-        assert prob == pytest.approx(expected[str(inputs / name)], abs=1e-6)  # same preprocessing, same model
+        # same preprocessing, same model; the default engine is ONNX Runtime, checked to 1e-4
+        assert prob == pytest.approx(expected[str(inputs / name)], abs=1e-4)
         assert row["decision"] == ("positive" if prob >= threshold else "negative")
-        assert row["model"] == f"resnet50/equalized@{ckpt.file_sha256()[:12]}"
+        assert row["model"] == f"resnet50/equalized@{ckpt.file_sha256()[:12]}" and row["engine"] == "onnxruntime-cpu"
         decisions.add(row["decision"])
     assert decisions == {"positive", "negative"}
     for name in BAD:
         row = rows[str(inputs / name)]
-        assert row["probability"] == row["decision"] == "" and row["error"]
+        assert row["probability"] == row["decision"] == row["engine"] == "" and row["error"]
     assert "no such file" in rows[missing]["error"]
+
+    eager = tmp_path / "eager.csv"
+    assert run(str(inputs), "--model", str(checkpoint), "--out", str(eager), "--engine", "eager").exit_code == 2
+    for name in GOOD:
+        row = read_rows(eager)[str(inputs / name)]
+        assert row["engine"] == "eager-cpu" and float(row["probability"]) == pytest.approx(expected[str(inputs / name)],
+                                                                                        abs=1e-6)
 
 
 def test_all_good_inputs_exit_0_and_globs_work(tmp_path, inputs, checkpoint):

@@ -28,7 +28,7 @@ from pipeline.errors import CxrError
 from pipeline.params import Params
 from pipeline.shard_format import CLASS_NAMES, ShardSummary, read_summary
 from train.data import train_batches
-from train.machine import allocator_name, cpu_model_name
+from train.machine import allocator_name, conv_peak_gflops, cpu_model_name, train_flops_per_image
 from train.loop import make_optimizer, train_one_epoch, weighted_bce
 from train.models import build_model, model_spec
 from train.runtime import Runtime, start_runtime
@@ -100,6 +100,24 @@ def _loader_rate(batches, images: int) -> float:
         if seen >= images:
             break
     return seen / (time.perf_counter() - start)
+
+
+def _against_peak(result: dict[str, Any], model_name: str, size: int, device: torch.device) -> dict[str, Any]:
+    """Achieved GFLOP/s of each timed path and its share of this CPU's measured convolution peak."""
+    flops = train_flops_per_image(build_model(model_name), size)
+    paths = [k for k in ("streaming", "naive_fp32", "streaming_fp32") if k in result]
+    achieved = {k: result[k]["images_per_s"] * flops / 1e9 for k in paths}
+    out: dict[str, Any] = {"train_gflop_per_image": flops / 1e9, "achieved_gflops": achieved}
+    if device.type != "cpu":
+        out["peak_note"] = "convolution peak probes are CPU-only"
+        return out
+    peaks = {"fp32": conv_peak_gflops(torch.float32, runs=3), "bf16": conv_peak_gflops(torch.bfloat16, runs=3)}
+    best = max(peaks, key=peaks.get)
+    out["conv_peak_gflops"] = peaks
+    out["share_of_peak"] = {k: v / peaks[best] for k, v in achieved.items()}
+    out["peak_precision"] = best  # the faster precision on this CPU: the one a trainer should use
+    out["share_of_bf16_peak"] = achieved["streaming"] / peaks["bf16"]
+    return out
 
 
 def run_train_benchmark(
@@ -179,5 +197,6 @@ def run_train_benchmark(
         }
     stream, base = result["streaming"]["images_per_s"], result["naive_fp32"]["images_per_s"]
     result["speedup_vs_naive"] = stream / base
+    result.update(_against_peak(result, model_name, int(summary.preprocess["size"]), rt.device))
     result["loader_headroom"] = result["loader_only_images_per_s"]["shards"] / stream
     return result

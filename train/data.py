@@ -16,8 +16,8 @@ from collections.abc import Iterator
 from itertools import islice
 from typing import Any
 
-import cv2
 import numpy as np
+import pyspng
 import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, get_worker_info
@@ -30,14 +30,17 @@ def decode_sample(sample: dict[str, Any]) -> dict[str, Any]:
     """PNG -> (H, W) uint8 without a colour conversion.
 
     WebDataset's "pil" decoders return RGB (3x the bytes for nothing), so the
-    greyscale PNG is decoded with OpenCV as stored.
+    greyscale PNG is decoded as stored.
     """
     key = sample.get("__key__", "?")
     url = sample.get("__url__", "?")
     missing = [k for k in ("png", "cls", "json") if k not in sample]
     if missing:
         raise CxrError(f"{url}: sample {key} lacks {missing}")
-    img = cv2.imdecode(np.frombuffer(sample["png"], np.uint8), cv2.IMREAD_UNCHANGED)
+    try:
+        img = pyspng.load(sample["png"])  # libspng, as the shard stage reads PNGs: faster than OpenCV's libpng
+    except Exception:  # libspng reports a corrupt PNG as a plain RuntimeError
+        img = None
     if img is None or img.ndim != 2 or img.dtype != np.uint8:
         raise CxrError(f"{url}: sample {key}: png is not a 1-channel 8-bit image")
     label = int(sample["cls"])

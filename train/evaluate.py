@@ -25,7 +25,6 @@ import json
 import os
 import re
 from collections.abc import Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -44,6 +43,7 @@ from pipeline.shard_format import CLASS_NAMES, ShardSummary, read_summary
 from train import metrics
 from train.checkpoint import Checkpoint, load_checkpoint
 from train.data import eval_batches
+from train.inference import Engine, batched, ordered_prefetch
 
 
 @dataclass(frozen=True)
@@ -68,23 +68,18 @@ def inference_device() -> torch.device:
     return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
 
 
-def predict_batches(
-    model: torch.nn.Module, batches: Iterable[dict[str, Any]], device: torch.device, progress: tqdm | None = None
-) -> Predictions:
+def predict_batches(engine: Engine, batches: Iterable[dict[str, Any]], progress: tqdm | None = None) -> Predictions:
     """fp32 probabilities for uint8 (B, 1, H, W) batches, in the order given; `progress` counts images."""
-    model = model.to(device).eval()
     keys, labels, probs, meta = [], [], [], []
-    with torch.inference_mode():
-        for batch in batches:
-            if progress is not None:
-                progress.update(len(batch["key"]))
-            x = batch["image"].to(device, non_blocking=True).float().div_(255.0)
-            probs.append(torch.sigmoid(model(x).float()).cpu().numpy())
-            labels.append(batch["label"].numpy())
-            keys += list(batch["key"])
-            meta += list(batch["meta"])
-    if not keys:
-        raise CxrError("no images to evaluate")
+    for batch in batches:
+        probs.append(engine.probabilities(batch["image"]))
+        if progress is not None:
+            progress.update(len(batch["key"]))
+        labels.append(batch["label"].numpy())
+        keys += list(batch["key"])
+        meta += list(batch["meta"])
+    if not keys:  # the caller says why (no shards, every image rejected)
+        return Predictions([], np.empty(0, np.int64), np.empty(0, np.float64), [])
     return Predictions(keys, np.concatenate(labels).astype(np.int64), np.concatenate(probs).astype(np.float64), meta)
 
 
@@ -127,20 +122,24 @@ def evaluate_shards(
     params: EvaluateParams,
     seed: int,
     num_workers: int,
+    engine: str = "auto",
     show_progress: bool = False,
 ) -> EvalResult:
-    """Test and validation metrics of a checkpoint on the shards of its own variant."""
+    """Test and validation metrics of a checkpoint on the shards of its own variant.
+
+    `engine`: auto (ONNX Runtime when it matches PyTorch, see train/inference.py), onnxruntime or eager.
+    """
     ckpt = load_checkpoint(checkpoint_path)
     summary = read_summary(shards_dir or Path("shards") / ckpt.variant)
     _check_compatible(ckpt, summary)
-    model, device = ckpt.build(), inference_device()
+    runner = Engine(ckpt, engine, inference_device())
     threshold = ckpt.meta["threshold"]
     preds = {}
     for split in ("test", "val"):
         batches = eval_batches(summary, split, params.batch_size, num_workers)
         with tqdm(total=summary.split(split).count, desc=f"evaluate {split}", unit="img", disable=not show_progress,
                   leave=False) as bar:  # fmt: skip
-            preds[split] = predict_batches(model, batches, device, bar)
+            preds[split] = predict_batches(runner, batches, bar)
     for split, pred in preds.items():  # eval_batches asserts this too; a metric over a partial split is wrong
         if len(pred.keys) != summary.split(split).count:
             expected = summary.split(split).count
@@ -157,7 +156,8 @@ def evaluate_shards(
         "shards": str(summary.directory),
         # Images shared between label files (ingest's data.leaks): nonzero means test may overlap training.
         "leaks_between_splits": summary.raw.get("leak_count", 0),
-        "device": str(device),
+        "device": str(runner.device),
+        "inference": runner.describe(),
     }
     return EvalResult(report, preds["test"])
 
@@ -206,9 +206,17 @@ def _load_external(item: dict[str, Any], cfg: PreprocessConfig) -> np.ndarray | 
         return str(exc)
 
 
-def _external_batches(images: list[tuple[dict[str, Any], np.ndarray]], batch_size: int) -> Iterator[dict[str, Any]]:
-    for start in range(0, len(images), batch_size):
-        chunk = images[start : start + batch_size]
+def _external_batches(
+    items: list[dict[str, Any]], cfg: PreprocessConfig, batch_size: int, workers: int, rejects: list[dict[str, Any]]
+) -> Iterator[dict[str, Any]]:
+    """Batches of the readable images, decoded in threads while the model scores the batch before;
+    each unreadable one is appended to `rejects` with its reason."""
+    loaded = ordered_prefetch(items, lambda item: _load_external(item, cfg), workers, ahead=2 * batch_size)
+    for chunk in batched(loaded, batch_size):
+        rejects += [{"filename": item["filename"], "reason": img} for item, img in chunk if isinstance(img, str)]
+        chunk = [(item, img) for item, img in chunk if not isinstance(img, str)]
+        if not chunk:
+            continue
         yield {
             "image": torch.from_numpy(np.stack([img for _, img in chunk])[:, None]),
             "label": torch.tensor([int(item["label"]) for item, _ in chunk], dtype=torch.int64),
@@ -226,6 +234,7 @@ def evaluate_external(
     max_reject_fraction: float,
     workers: int,
     root: str,
+    engine: str = "auto",
     show_progress: bool = False,
 ) -> EvalResult:
     """Score an external test set: `items` = [{key, path, label, source, patient_id, filename}].
@@ -236,22 +245,19 @@ def evaluate_external(
     """
     ckpt = load_checkpoint(checkpoint_path)
     cfg = PreprocessConfig.from_dict(ckpt.preprocess)
-    # Decoding releases the GIL (OpenCV/Pillow), so threads suffice.
-    with ThreadPoolExecutor(max_workers=max(1, workers or os.cpu_count() or 1)) as pool:
-        loaded = list(tqdm(pool.map(lambda item: _load_external(item, cfg), items), total=len(items),
-                           desc="read external test images", unit="img", disable=not show_progress, leave=False))  # fmt: skip
-    images = [(item, img) for item, img in zip(items, loaded) if not isinstance(img, str)]
-    rejects = label_rejects + [
-        {"filename": item["filename"], "reason": why} for item, why in zip(items, loaded) if isinstance(why, str)
-    ]
+    runner = Engine(ckpt, engine, inference_device())
+    rejects = list(label_rejects)
     total = len(items) + len(label_rejects)
+    threads = max(1, workers or os.cpu_count() or 1)  # decoding releases the GIL (OpenCV, Pillow): threads suffice
+    with tqdm(total=len(items), desc="score external", unit="img", disable=not show_progress, leave=False) as bar:
+        pred = predict_batches(runner, _external_batches(items, cfg, params.batch_size, threads, rejects), bar)
     if total == 0 or len(rejects) / total > max_reject_fraction:
         first = "; ".join(r["reason"] for r in rejects[:3])
         raise CxrError(
             f"{root}: {len(rejects)} of {total} test images rejected (limit {max_reject_fraction:.0%}). {first}"
         )
-    with tqdm(total=len(images), desc="score external", unit="img", disable=not show_progress, leave=False) as bar:
-        pred = predict_batches(ckpt.build(), _external_batches(images, params.batch_size), inference_device(), bar)
+    if not pred.keys:
+        raise CxrError(f"{root}: no readable test images to evaluate")
     threshold = ckpt.meta["threshold"]
     test = split_report(pred, float(threshold["value"]), params, seed)
     n_test = test.pop("n")
@@ -262,7 +268,8 @@ def evaluate_external(
         **test,
         "dataset": {"root": root, "label_lines": total, "reject_count": len(rejects), "rejects": rejects},
         "bootstrap": {"resamples": params.bootstrap, "seed": seed, "method": "percentile, resampling images"},
-        "device": str(inference_device()),
+        "device": str(runner.device),
+        "inference": runner.describe(),
     }
     return EvalResult(report, pred)
 

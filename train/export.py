@@ -192,16 +192,8 @@ def verify(
             if got[-1].shape != expected[-1].shape:
                 raise CxrError(f"ONNX output shape {got[-1].shape} != PyTorch {expected[-1].shape}")
     torch_logits, onnx_logits = np.concatenate(expected), np.concatenate(got)
-    diff = np.abs(onnx_logits - torch_logits)
-    result = {
-        "inputs": len(torch_logits),
-        "max_abs_diff_probability": float(np.abs(_sigmoid(onnx_logits) - _sigmoid(torch_logits)).max()),
-        "max_abs_diff_logit": float(diff.max()),
-        "max_scaled_diff_logit": float((diff / np.maximum(1.0, np.abs(torch_logits))).max()),
-        "tolerance": tolerance,
-    }
-    if not (result["max_abs_diff_probability"] <= tolerance and result["max_scaled_diff_logit"] <= tolerance):
-        # (written so that NaN fails too)
+    result = logit_agreement(torch_logits, onnx_logits, tolerance)
+    if not result.pop("ok"):
         exact = _sigmoid(_float64_logits(model, batches))
         torch_err = float(np.abs(_sigmoid(torch_logits) - exact).max())
         onnx_err = float(np.abs(_sigmoid(onnx_logits) - exact).max())
@@ -211,6 +203,21 @@ def verify(
             f"PyTorch float32 is off by {torch_err:.3g} and ONNX by {onnx_err:.3g} in probability"
             + ("; the network is numerically sensitive, not the export wrong (see --tolerance)" if sensitive else "")
         )
+    return result
+
+
+def logit_agreement(torch_logits: np.ndarray, onnx_logits: np.ndarray, tolerance: float) -> dict[str, Any]:
+    """The one ONNX-vs-PyTorch criterion (see TOLERANCE), used by export and by the inference engine."""
+    diff = np.abs(onnx_logits - torch_logits)
+    result = {
+        "inputs": len(torch_logits),
+        "max_abs_diff_probability": float(np.abs(_sigmoid(onnx_logits) - _sigmoid(torch_logits)).max()),
+        "max_abs_diff_logit": float(diff.max()),
+        "max_scaled_diff_logit": float((diff / np.maximum(1.0, np.abs(torch_logits))).max()),
+        "tolerance": tolerance,
+    }
+    # written so that NaN fails too
+    result["ok"] = bool(result["max_abs_diff_probability"] <= tolerance and result["max_scaled_diff_logit"] <= tolerance)
     return result
 
 

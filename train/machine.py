@@ -137,3 +137,39 @@ def peak_gflops(runs: int, threads: int) -> dict[str, Any]:
         }
     out["peak"] = max(max(v[k] for k in v if k.startswith("gflops")) for v in out.values())
     return out
+
+
+def train_flops_per_image(model: torch.nn.Module, size: int) -> int:
+    """FLOPs of one training step per image: forward, backward of the summed outputs (aux head included).
+
+    Counted on a batch of 2 in train mode (BatchNorm as in training); the optimizer's
+    elementwise update is not counted, like every published training-FLOP figure.
+    """
+    x = torch.rand(2, 1, size, size, generator=torch.Generator().manual_seed(0))
+    model.train()
+    with FlopCounterMode(display=False) as counter:
+        out = model(x)
+        sum(o.float().sum() for o in (out if isinstance(out, tuple) else (out,))).backward()
+    model.zero_grad(set_to_none=True)
+    return int(counter.get_total_flops()) // 2
+
+
+def conv_peak_gflops(dtype: torch.dtype, runs: int) -> float:
+    """Best rate of a 3x3 convolution (the probe above) in `dtype`, channels_last, with the current threads.
+
+    bf16 runs through autocast as training does; on CPUs without native bf16
+    oneDNN emulates it and this comes out below fp32, which is the honest
+    answer: the training benchmark reports its share of the faster of the two.
+    """
+    c, hw = PROBE_CONV
+    gen = torch.Generator().manual_seed(0)
+    conv = torch.nn.Conv2d(c, c, 3, padding=1, bias=False).to(memory_format=torch.channels_last).eval()
+    x = torch.randn(1, c, hw, hw, generator=gen).contiguous(memory_format=torch.channels_last)
+
+    def run():
+        with torch.inference_mode(), torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
+            conv(x)
+
+    best = min(time_runs(run, warmup=1, runs=1, threads=torch.get_num_threads()).median_s for _ in range(runs))
+    return 2 * c * c * 9 * hw * hw / best / 1e9
+

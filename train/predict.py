@@ -4,7 +4,9 @@ Everything that defines the model's behaviour comes from the model artifact,
 never from flags: architecture, variant, preprocessing (the shard stage's own
 `preprocess_bytes` / `preprocess_array`) and the operating threshold the
 trainer chose on validation. With `onnx_path` they come from the metadata that
-`cxr export` stored in the .onnx file (see train/export.py).
+`cxr export` stored in the .onnx file (see train/export.py). From a checkpoint,
+the engine is ONNX Runtime when it matches PyTorch (train/inference.py); each
+row's `engine` column says which one scored it.
 
 An input that cannot be read gets a row with its reason and the run goes on;
 the caller turns `PredictSummary.failed` into the exit code. Rows are streamed
@@ -22,7 +24,6 @@ import hashlib
 import os
 import re
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -39,9 +40,10 @@ from pipeline.preprocess import PreprocessConfig, preprocess_bytes
 from pipeline.shard_format import CLASS_NAMES
 from train.checkpoint import load_checkpoint
 from train.gradcam import gradcam_heatmaps, write_overlay
+from train.inference import Engine, batched, ordered_prefetch
 from train.metrics import predict_labels
 
-CSV_COLUMNS = ("path", "probability", "decision", "threshold", "model", "error")
+CSV_COLUMNS = ("path", "probability", "decision", "threshold", "model", "engine", "error")
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".tif", ".tiff", *DICOM_SUFFIXES})
 _GLOB_CHARS = frozenset("*?[")
 HEATMAP_NAME = re.compile(r".+-[0-9a-f]{10}\.png")  # heatmap_name's pattern: all a heatmap folder may hold
@@ -145,26 +147,18 @@ class _Model:
     identity: str
     probabilities: Callable[[np.ndarray], np.ndarray]  # uint8 (B, H, W) -> float64 (B,)
     cam_model: torch.nn.Module | None  # for Grad-CAM; None when no heatmaps are asked for
-    device: str
+    engine: Callable[[], str]  # which engine scored the rows so far (auto settles on the first batch)
 
 
-def _torch_probabilities(model: torch.nn.Module, device: torch.device) -> Callable[[np.ndarray], np.ndarray]:
-    def run(images: np.ndarray) -> np.ndarray:
-        # Same input path as evaluation: uint8 -> float / 255 on the device.
-        x = torch.from_numpy(images[:, None]).to(device).float().div_(255.0)
-        with torch.inference_mode():
-            return torch.sigmoid(model(x).float()).cpu().numpy().astype(np.float64)
-
-    return run
-
-
-def _open_model(checkpoint: Path, onnx_path: Path | None, heatmaps: bool, device: torch.device) -> _Model:
+def _open_model(
+    checkpoint: Path, onnx_path: Path | None, heatmaps: bool, device: torch.device, engine: str
+) -> _Model:
     if onnx_path is None:
         ckpt = load_checkpoint(checkpoint)
-        model = ckpt.build().to(device)
+        runner = Engine(ckpt, engine, device)
         identity = f"{ckpt.model_name}/{ckpt.variant}@{ckpt.file_sha256()[:12]}"
-        cam_model = model if heatmaps else None
-        return _Model(ckpt.meta, identity, _torch_probabilities(model, device), cam_model, str(device))
+        cam_model = runner.model if heatmaps else None
+        return _Model(ckpt.meta, identity, runner.probabilities, cam_model, lambda: f"{runner.path}-{device.type}")
 
     from train.export import onnx_meta, onnx_probabilities, onnx_session
 
@@ -182,7 +176,7 @@ def _open_model(checkpoint: Path, onnx_path: Path | None, heatmaps: bool, device
         cam_model = ckpt.build().to(device)
     identity = f"{meta['model']}/{meta['variant']}@{sha[:12]}+onnx"
     provider = session.get_providers()[0].replace("ExecutionProvider", "").lower()
-    return _Model(meta, identity, partial(onnx_probabilities, session), cam_model, f"onnxruntime-{provider}")
+    return _Model(meta, identity, partial(onnx_probabilities, session), cam_model, lambda: f"onnxruntime-{provider}")
 
 
 def predict(
@@ -195,15 +189,19 @@ def predict(
     batch_size: int,
     workers: int,
     device: torch.device,
+    engine: str = "auto",
     progress: bool = True,
 ) -> PredictSummary:
-    """Score `inputs` and write `out_csv` (columns CSV_COLUMNS) and, optionally, one overlay PNG per image."""
+    """Score `inputs` and write `out_csv` (columns CSV_COLUMNS) and, optionally, one overlay PNG per image.
+
+    `engine` (with a checkpoint, not with `onnx_path`): auto, onnxruntime or eager; see train/inference.py.
+    """
     if batch_size < 1:
         raise CxrError(f"batch size must be >= 1, got {batch_size}")
     files, unmatched = collect_inputs(inputs)
     if not files and not unmatched:
         raise CxrError("no inputs given")
-    model = _open_model(checkpoint, onnx_path, heatmaps_dir is not None, device)
+    model = _open_model(checkpoint, onnx_path, heatmaps_dir is not None, device, engine)
     cfg = PreprocessConfig.from_dict(model.meta["preprocess"])
     if cfg.size != int(model.meta["input_size"]):
         raise CxrError(
@@ -219,24 +217,25 @@ def predict(
             "decision": CLASS_NAMES[int(predict_labels(np.array([probability]), threshold)[0])] if decided else "",
             "threshold": repr(threshold),
             "model": model.identity,
+            "engine": model.engine() if decided else "",
             "error": error,
         }
 
     if heatmaps_dir is not None:
         claim_folder(heatmaps_dir, "predict-heatmaps", [HEATMAP_NAME])
     rows = [row(arg, error=reason) for arg, reason in unmatched]
-    with _csv_rows(out_csv) as write_rows, ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 1) as pool, tqdm(
+    # Decoding releases the GIL (OpenCV, Pillow, numpy), so threads decode the next
+    # images while the model scores this batch.
+    loaded = ordered_prefetch(files, lambda p: _load_or_reason(p, cfg), workers or os.cpu_count() or 1, 2 * batch_size)
+    with _csv_rows(out_csv) as write_rows, tqdm(
         total=len(files), unit="img", desc="predict", disable=not progress
     ) as bar:
         write_rows(rows)
-        # Decoding releases the GIL (OpenCV, Pillow, numpy), so threads overlap it.
-        for start in range(0, len(files), batch_size):
-            chunk = files[start : start + batch_size]
-            loaded = list(pool.map(lambda p: _load_or_reason(p, cfg), chunk))
-            ok = [(path, img) for path, img in zip(chunk, loaded) if not isinstance(img, str)]
+        for chunk in batched(loaded, batch_size):
+            ok = [(path, img) for path, img in chunk if not isinstance(img, str)]
             probs = model.probabilities(np.stack([img for _, img in ok])) if ok else np.empty(0)
             by_path = {path: float(p) for (path, _), p in zip(ok, probs)}
-            batch_rows = [row(str(p), by_path.get(p), "" if p in by_path else img) for p, img in zip(chunk, loaded)]
+            batch_rows = [row(str(p), by_path.get(p), "" if p in by_path else img) for p, img in chunk]
             write_rows(batch_rows)
             rows += batch_rows
             if heatmaps_dir is not None and ok:
@@ -251,7 +250,7 @@ def predict(
         failed=len(rows) - len(decided),
         model=model.identity,
         threshold=threshold,
-        device=model.device,
+        device=model.engine(),
     )
 
 
