@@ -104,6 +104,11 @@ def _echo_json(obj) -> None:
 @_fail_cleanly
 def sample(
     out: Annotated[Path, typer.Option(help="Where to write the synthetic COVIDx-layout dataset")] = Path("data/sample"),
+    style: Annotated[
+        str,
+        typer.Option(help="default: the training sample; shifted: an external test set from another "
+                     "acquisition style (larger, flatter, noisier images with lead markers; test split only)"),
+    ] = "default",
     params: ParamsOpt = Path("params.yaml"),
 ) -> None:
     """Generate a small deterministic synthetic dataset in the COVIDx CXR-2 layout.
@@ -113,7 +118,10 @@ def sample(
     from pipeline.sample import generate_sample
 
     p = _params(params)
-    _echo_json(generate_sample(out, p.sample.train_per_class, p.sample.test_per_class, p.seed))
+    if style == "shifted":
+        _echo_json(generate_sample(out, 0, p.sample.shifted_test_per_class, p.seed, style=style))
+    else:
+        _echo_json(generate_sample(out, p.sample.train_per_class, p.sample.test_per_class, p.seed, style=style))
 
 
 @app.command(rich_help_panel=STAGES)
@@ -382,9 +390,10 @@ def evaluate(
 
     Reads: the checkpoint (model, variant, threshold chosen on validation, preprocessing),
     the shards of its variant, params (evaluate.*, seed, train.num_workers; with --root also
-    data.max_reject_fraction). Writes: OUT (metrics at the operating threshold, at 0.5 in
-    `at_0_5`, by source, with bootstrap CIs, and under `inference` the engine that ran),
-    the predictions CSV and the DVC plot files.
+    data.max_reject_fraction). Writes: OUT (calibrated metrics at the operating threshold, at 0.5
+    in `at_0_5`, by source, with patient-bootstrap and Wilson CIs, Brier/ECE, PPV/NPV at
+    evaluate.prevalence, and under `inference` the engine that ran), the predictions CSV and the
+    DVC plot files (ROC, PR, reliability, confusion).
     """
     from train.evaluate import (
         evaluate_external,
@@ -428,6 +437,7 @@ def evaluate(
             "sensitivity": r["sensitivity"],
             "specificity": r["specificity"],
             "engine": r["inference"]["engine"],
+            "calibration": {k: r["calibration"][k] for k in ("brier", "brier_uncalibrated", "ece", "ece_uncalibrated")},
         }
     )
     typer.echo(human_summary(r, out), err=True)  # stderr: stdout stays JSON

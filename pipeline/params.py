@@ -8,6 +8,7 @@ missing keys are errors: a typo in `dvc exp run -S` must not be silently ignored
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass
@@ -20,6 +21,7 @@ from pipeline.errors import CxrError
 
 MODEL_NAMES = ("alexnet", "vgg16", "resnet50", "densenet121", "inceptionv3")
 VARIANTS = ("plain", "equalized")
+_NAME = re.compile(r"[A-Za-z0-9_-]+")
 
 
 @dataclass(frozen=True)
@@ -34,6 +36,7 @@ class DataParams:
 class SampleParams:
     train_per_class: int
     test_per_class: int
+    shifted_test_per_class: int  # the `sample_shifted` external set (test split only)
 
 
 @dataclass(frozen=True)
@@ -73,6 +76,7 @@ class TrainParams:
     shuffle_buffer: int
     compile: bool
     aux_weight: float
+    select: Literal["val_loss", "val_auc"]  # which epoch's weights become best.pt
     augment: AugmentParams
 
 
@@ -82,6 +86,8 @@ class EvaluateParams:
     target_sensitivity: float
     bootstrap: int
     batch_size: int
+    prevalence: float  # PPV/NPV are also reported at this prevalence (screening population)
+    external: dict[str, str]  # name -> COVIDx-layout root scored by the `external` stage
 
 
 @dataclass(frozen=True)
@@ -125,6 +131,11 @@ def _convert(value: Any, hint: Any, where: str) -> Any:
             raise CxrError(f"params: {where} must not be null")
         (inner,) = [a for a in args if a is not type(None)]
         return _convert(value, inner, where)
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise CxrError(f"params: {where} must be a mapping, got {value!r}")
+        key_hint, value_hint = get_args(hint)
+        return {_convert(k, key_hint, f"{where} key"): _convert(v, value_hint, f"{where}.{k}") for k, v in value.items()}
     if origin is tuple:
         args = get_args(hint)
         if not isinstance(value, (list, tuple)) or len(value) != len(args):
@@ -197,6 +208,10 @@ def _check_ranges(p: Params) -> None:
         (p.train.max_steps is None or p.train.max_steps > 0, "train.max_steps must be > 0 or null"),
         (p.train.augment.scale[0] <= p.train.augment.scale[1], "train.augment.scale must be [low, high]"),
         (0.0 < p.evaluate.target_sensitivity <= 1.0, "evaluate.target_sensitivity must be in (0, 1]"),
+        (0.0 < p.evaluate.prevalence < 1.0, "evaluate.prevalence must be in (0, 1)"),
+        (p.evaluate.bootstrap >= 0, "evaluate.bootstrap must be >= 0"),
+        (all(_NAME.fullmatch(n) for n in p.evaluate.external),
+         "evaluate.external names must be letters, digits, '_' or '-' (they name output files)"),
     ]
     for ok, message in checks:
         if not ok:

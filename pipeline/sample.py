@@ -16,6 +16,7 @@ not shift the next, and the same arguments give byte-identical files on the same
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import math
@@ -33,6 +34,8 @@ from pipeline.errors import CxrError
 CLASSES = ("negative", "positive")
 SOURCES = ("synth-a", "synth-b", "synth-c")
 SPLITS = ("train", "test")
+STYLES = ("default", "shifted")  # acquisition styles: "shifted" is an external site (see shift_view)
+STYLE_OFFSET = 1_000_000
 MARKER = ".cxr-sample.json"  # says "this folder is ours to replace"; a real download lacks it
 
 # Encodings, tiled per class so both classes get the same multiset of formats: a format must
@@ -126,11 +129,12 @@ def _extension(kind: str, rng: np.random.Generator) -> str:
     return ".jpg" if kind == "png_as_jpg" else ".png"
 
 
-def plan_sample(train_per_class: int, test_per_class: int, seed: int) -> list[ImagePlan]:
+def plan_sample(train_per_class: int, test_per_class: int, seed: int, style: str = "default") -> list[ImagePlan]:
     """Every image of the sample, in label-file order; patients never span two splits."""
-    rng = np.random.default_rng([seed, 0])
+    rng = np.random.default_rng([seed, 0] if style == "default" else [seed, 0, STYLES.index(style)])
     plans: list[ImagePlan] = []
-    patient = number = 0
+    # Another style draws other patients: numbers (which seed anatomy and image) never meet the default's.
+    patient = number = STYLE_OFFSET * STYLES.index(style)
     for split, per_class in zip(SPLITS, (train_per_class, test_per_class)):
         groups = []
         # One pool per split, shared by both classes; permuted first so that small samples
@@ -316,9 +320,34 @@ def burn_text(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return np.maximum(img, layer.astype(np.float32) / 255.0)
 
 
-def render(a: Anatomy, positive: bool, rng: np.random.Generator) -> np.ndarray:
+def shift_view(v: View, rng: np.random.Generator) -> View:
+    """Another hospital's acquisition: larger detector, flatter and brighter film, more noise."""
+    u = rng.uniform
+    f = u(1.5, 2.2)
+    return dataclasses.replace(
+        v, height=int(v.height * f), width=int(v.width * f), gamma=u(1.4, 1.9), low=u(0.12, 0.22),
+        high=u(0.70, 0.84), noise=u(0.04, 0.07), heel=u(0.1, 0.2),
+    )
+
+
+def lead_marker(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """A bright lead side marker ("R"/"L" in a box) on the patient's shoulder, below the cropped rows."""
+    h, w = img.shape
+    side = max(12, int(0.06 * min(h, w)))
+    x0 = int(rng.uniform(0.05, 0.2) * w) if rng.random() < 0.5 else int(rng.uniform(0.8, 0.95) * w) - side
+    y0 = int(rng.uniform(0.12, 0.25) * h)
+    layer = np.zeros((h, w), np.uint8)
+    cv2.rectangle(layer, (x0, y0), (x0 + side, y0 + side), 255, max(1, side // 10))
+    cv2.putText(layer, "RL"[int(rng.integers(2))], (x0 + side // 5, y0 + 4 * side // 5), cv2.FONT_HERSHEY_SIMPLEX,
+                side / 40, 255, max(1, side // 12), cv2.LINE_AA)  # fmt: skip
+    return np.maximum(img, layer.astype(np.float32) / 255.0)
+
+
+def render(a: Anatomy, positive: bool, rng: np.random.Generator, style: str = "default") -> np.ndarray:
     """One synthetic radiograph, float32 in [0, 1], shape (height, width)."""
     v = draw_view(rng)
+    if style == "shifted":  # drawn after the default view so the default sample stays byte-identical
+        v = shift_view(v, rng)
     f = min(1.0, WORK_SIDE / max(v.height, v.width))
     wh, ww = round(v.height * f), round(v.width * f)
     x, y = patient_grid(wh, ww, v)
@@ -327,7 +356,8 @@ def render(a: Anatomy, positive: bool, rng: np.random.Generator) -> np.ndarray:
     opacities = draw_opacities(a, rng) if positive else np.zeros((0, 4))
     density = chest_density(x, y, a, v, opacities, nodules, mottle)
     density = cv2.resize(density, (v.width, v.height), interpolation=cv2.INTER_LINEAR)
-    return burn_text(black_border(develop(density, v, rng), rng), rng)
+    img = burn_text(black_border(develop(density, v, rng), rng), rng)
+    return lead_marker(img, rng) if style == "shifted" else img
 
 
 # --- encoding: array in, file bytes out ---------------------------------------------------
@@ -382,25 +412,30 @@ def encode(img: np.ndarray, kind: str, rng: np.random.Generator) -> bytes:
     raise ValueError(f"unknown image kind {kind!r}")  # programming error: KIND_POOL and encode disagree
 
 
-def image_bytes(plan: ImagePlan, seed: int) -> bytes:
+def image_bytes(plan: ImagePlan, seed: int, style: str = "default") -> bytes:
     anatomy = draw_anatomy(np.random.default_rng([seed, 2, plan.patient]))
     rng = np.random.default_rng([seed, 1, plan.number])
-    return encode(render(anatomy, plan.label == "positive", rng), plan.kind, rng)
+    return encode(render(anatomy, plan.label == "positive", rng, style), plan.kind, rng)
 
 
 # --- I/O edge ------------------------------------------------------------------------------
 
 
-def summarize(plans: list[ImagePlan], seed: int) -> dict:
+def summarize(plans: list[ImagePlan], seed: int, style: str = "default") -> dict:
     images = {s: {c: sum(p.split == s and p.label == c for p in plans) for c in CLASSES} for s in SPLITS}
     patients = {s: len({p.patient_id for p in plans if p.split == s}) for s in SPLITS}
-    return {"seed": seed, "images": images, "patients": patients}
+    out = {"seed": seed, "images": images, "patients": patients}
+    return out if style == "default" else {**out, "style": style}
 
 
-def _check_args(out_dir: Path, train_per_class: int, test_per_class: int, seed: int) -> None:
+def _check_args(out_dir: Path, train_per_class: int, test_per_class: int, seed: int, style: str) -> None:
+    if style not in STYLES:
+        raise CxrError(f"sample: unknown style {style!r}; valid: {', '.join(STYLES)}")
+    # an external test set (style "shifted") may have no training images
+    least = {"train_per_class": 0 if style != "default" else 2, "test_per_class": 2}
     for name, value in (("train_per_class", train_per_class), ("test_per_class", test_per_class)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 2:
-            raise CxrError(f"sample: {name} must be an integer >= 2, got {value!r}")
+        if isinstance(value, bool) or not isinstance(value, int) or value < least[name]:
+            raise CxrError(f"sample: {name} must be an integer >= {least[name]}, got {value!r}")
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise CxrError(f"sample: seed must be a non-negative integer, got {seed!r}")
     if out_dir.exists() and not out_dir.is_dir():
@@ -417,16 +452,17 @@ def _check_args(out_dir: Path, train_per_class: int, test_per_class: int, seed: 
                            "did not write; move it away first")  # fmt: skip
 
 
-def generate_sample(out_dir: Path, train_per_class: int, test_per_class: int, seed: int) -> dict:
+def generate_sample(out_dir: Path, train_per_class: int, test_per_class: int, seed: int,
+                    style: str = "default") -> dict:
     """Write a synthetic COVIDx-layout dataset to out_dir, replacing an earlier sample there.
 
     Built in a temporary folder beside out_dir and renamed into place, so an interrupted run
     never leaves half a dataset. Returns the image counts per split and class.
     """
     out_dir = Path(out_dir)
-    _check_args(out_dir, train_per_class, test_per_class, seed)
-    plans = plan_sample(train_per_class, test_per_class, seed)
-    summary = summarize(plans, seed)
+    _check_args(out_dir, train_per_class, test_per_class, seed, style)
+    plans = plan_sample(train_per_class, test_per_class, seed, style)
+    summary = summarize(plans, seed, style)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     try:
@@ -434,7 +470,7 @@ def generate_sample(out_dir: Path, train_per_class: int, test_per_class: int, se
             (tmp / split).mkdir()
             split_plans = [p for p in plans if p.split == split]
             for plan in split_plans:
-                (tmp / split / plan.filename).write_bytes(image_bytes(plan, seed))
+                (tmp / split / plan.filename).write_bytes(image_bytes(plan, seed, style))
             lines = "".join(label_line(p) + "\n" for p in split_plans)
             (tmp / f"{split}.txt").write_text(lines, encoding="utf-8", newline="\n")
         (tmp / MARKER).write_text(json.dumps(summary, sort_keys=True) + "\n", encoding="utf-8", newline="\n")

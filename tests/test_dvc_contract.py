@@ -18,8 +18,15 @@ COMMANDS = {cmd.name or cmd.callback.__name__ for cmd in app.registered_commands
 def stages():
     for name, stage in DVC["stages"].items():
         if "foreach" in stage:
-            assert all(isinstance(item, str) for item in stage["foreach"]), "foreach values must be strings"
-            for item in stage["foreach"]:
+            items = stage["foreach"]
+            if isinstance(items, str):  # ${a.b}: a mapping in params.yaml, DVC's ${key} and ${item}
+                items = _lookup(items.removeprefix("${").removesuffix("}"))
+                assert isinstance(items, dict) and items, f"{name}: foreach must name a non-empty mapping"
+                for key, item in items.items():
+                    yield f"{name}@{key}", _resolve(stage["do"], {"key": key, "item": item})
+                continue
+            assert all(isinstance(item, str) for item in items), "foreach values must be strings"
+            for item in items:
                 yield f"{name}@{item}", _resolve(stage["do"], {"item": item})
         else:
             yield name, stage
@@ -67,10 +74,12 @@ def test_params_and_code_deps_exist():
 # through `params:`, and errors.py holds no behaviour.
 STAGE_MODULES = {
     "sample": "pipeline.sample",
+    "sample_shifted": "pipeline.sample",
     "ingest": "pipeline.manifest",
     "shard": "pipeline.shards",
     "train": "train.trainer",
     "evaluate": "train.evaluate,train.misclassified",
+    "external": "train.evaluate",
     "latency": "train.latency",
     "figures": "pipeline.figures",
     "curves": "pipeline.figures",
@@ -93,3 +102,14 @@ def test_outputs_are_git_ignored_not_committed():
     ignored = (REPO / ".gitignore").read_text()
     for top in ("/data/", "/shards/*", "/models/", "/metrics/", "/figures/"):
         assert top in ignored
+
+
+def test_default_external_root_is_made_by_a_stage():
+    """A fresh `dvc repro` scores the external set without any download."""
+    roots = PARAMS["evaluate"]["external"]
+    made = {out for stage in DVC["stages"].values() if "outs" in stage for out in stage["outs"] if isinstance(out, str)}
+    assert roots and set(roots.values()) <= made
+    external = dict(stages())
+    for key, root in roots.items():
+        stage = external[f"external@{key}"]
+        assert root in stage["deps"] and f"metrics/external/{key}.json" in stage["metrics"]

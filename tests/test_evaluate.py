@@ -17,6 +17,7 @@ from typer.testing import CliRunner
 
 from pipeline.cli import app
 from pipeline.errors import CxrError
+from pipeline.labels import parse_label_file
 from pipeline.params import load_params
 from pipeline.preprocess import PreprocessConfig
 from pipeline.sample import generate_sample
@@ -36,7 +37,13 @@ REQUIRED = [
     "threshold.rule", "threshold.split", "at_0_5.threshold", "at_0_5.accuracy", "at_0_5.macro.f1",
     "at_0_5.sensitivity.value", "at_0_5.confusion.tp", "at_0_5.by_source", "by_source.toy.n",
     "by_source.toy.error_rate", "val.accuracy", "val.macro.f1", "val.roc_auc", "val.sensitivity.ci95", "n_test",
-    "model.name", "model.variant", "model.checkpoint_sha256", "bootstrap.resamples",
+    "model.name", "model.variant", "model.checkpoint_sha256", "intervals.resamples", "intervals.seed",
+    "intervals.ci95", "intervals.ci95_wilson", "intervals.n_patients", "intervals.n_images", "n_patients",
+    "sensitivity.ci95_wilson", "specificity.ci95_wilson", "ppv.ci95_wilson", "npv.ci95_wilson", "accuracy_ci95",
+    "positive_f1_ci95", "macro_f1_ci95", "at_prevalence.prevalence", "at_prevalence.ppv.value",
+    "at_prevalence.npv.ci95", "calibration.brier", "calibration.brier_uncalibrated", "calibration.ece",
+    "calibration.ece_uncalibrated", "calibration.ece_binning", "calibration_model.method", "val.calibration.ece",
+    "val.intervals.n_patients",
 ]  # fmt: skip
 
 
@@ -57,7 +64,7 @@ def _dig(d, dotted):
     return d
 
 
-def _checkpoint(path: Path, variant: str, preprocess: dict, threshold: float = 0.5) -> Path:
+def _checkpoint(path: Path, variant: str, preprocess: dict, threshold: float = 0.5, calibration=None) -> Path:
     torch.manual_seed(0)
     net = build_model(MODEL)
     meta = make_meta(
@@ -69,6 +76,7 @@ def _checkpoint(path: Path, variant: str, preprocess: dict, threshold: float = 0
         threshold={"value": threshold, "rule": "max_f1", "split": "val"},
         epoch=1,
         val_loss=0.5,
+        calibration=calibration,
     )
     save_checkpoint(path, meta, net.state_dict())
     return path
@@ -111,10 +119,18 @@ def test_evaluate_cli_writes_every_required_key(tmp_path, tiny):
 
     rows = list(csv.DictReader(preds.open()))
     assert len(rows) == 8 and len({r["key"] for r in rows}) == 8
-    assert set(rows[0]) == {"key", "source", "patient_id", "filename", "label", "probability", "predicted"}
-    called = sum(int(r["predicted"]) for r in rows)
+    assert list(rows[0]) == ["key", "source", "patient_id", "filename", "label",
+                             "p_covid_calibrated_at_val_prevalence", "p_covid_uncalibrated",
+                             "predicted_at_operating_threshold"]  # fmt: skip
+    called = sum(int(r["predicted_at_operating_threshold"]) for r in rows)
     assert called == report["confusion"]["tp"] + report["confusion"]["fp"]
-    assert all(int(r["predicted"]) == (float(r["probability"]) >= 0.52) for r in rows)
+    assert all(int(r["predicted_at_operating_threshold"]) == (float(r["p_covid_calibrated_at_val_prevalence"]) >= 0.52)
+               for r in rows)  # fmt: skip
+    assert report["calibration_model"]["method"] == "identity"  # a checkpoint without calibration: left as is
+    assert report["intervals"]["n_images"] == 8 and report["n_patients"] == report["intervals"]["n_patients"]
+    for split in ("test", "val"):
+        bins = json.loads((plots / f"reliability_{split}.json").read_text())
+        assert sum(b["count"] for b in bins) == (8 if split == "test" else report["val"]["n"])
 
     roc = json.loads((plots / "roc.json").read_text())
     assert roc[0] == {"fpr": 0.0, "tpr": 0.0, "threshold": 1.0} and roc[-1]["fpr"] == 1.0
@@ -209,7 +225,8 @@ def test_decoded_probabilities_match_a_direct_forward(tmp_path, tiny):
     with torch.inference_mode():
         prob = torch.sigmoid(net(torch.from_numpy(img)[None, None].float() / 255)).item()
     index = result.test.keys.index(sample["__key__"])
-    assert result.test.probs[index] == pytest.approx(prob, abs=1e-6)
+    assert result.test.raw[index] == pytest.approx(prob, abs=1e-6)
+    assert result.test.probs[index] == result.test.raw[index]  # no calibration in this checkpoint
 
 
 def test_external_items_reject_duplicates_escapes_and_bad_lines(tmp_path):
@@ -262,3 +279,40 @@ def test_plots_folder_with_user_files_is_refused(tmp_path):
     assert sorted(p.name for p in (tmp_path / "plots").iterdir()) == ["thesis.pdf"]
     write_plots(tmp_path / "fresh", pred, 0.5)
     assert {"roc.json", "pr.json", "confusion.csv"} <= {p.name for p in (tmp_path / "fresh").iterdir()}
+def test_calibration_of_the_checkpoint_is_applied_before_the_threshold(tmp_path):
+    shards = make_tiny_shards(tmp_path / "s", per_class={"train": 2, "val": 3, "test": 5}, size=SIZE)
+    platt = {"method": "platt", "a": 3.0, "b": -0.5, "fitted_on": "val"}
+    plain = _checkpoint(tmp_path / "plain.pt", "plain", read_summary(shards).preprocess)
+    cal = _checkpoint(tmp_path / "cal.pt", "plain", read_summary(shards).preprocess, calibration=platt)
+    params = load_params(_params_file(tmp_path)).evaluate
+    before = evaluate_shards(plain, shards, params, seed=0, num_workers=0)
+    after = evaluate_shards(cal, shards, params, seed=0, num_workers=0)
+    raw = before.test.raw
+    assert after.test.raw == pytest.approx(raw)  # same weights
+    expected = 1 / (1 + np.exp(-(3.0 * np.log(raw / (1 - raw)) - 0.5)))
+    assert after.test.probs == pytest.approx(expected)
+    yhat = (expected >= 0.5).astype(int)
+    assert after.report["confusion"]["tp"] == int(((yhat == 1) & (after.test.labels == 1)).sum())
+    assert after.report["calibration_model"] == platt
+    c = after.report["calibration"]
+    assert c["brier"] == pytest.approx(np.mean((expected - after.test.labels) ** 2))
+    assert c["brier_uncalibrated"] == pytest.approx(np.mean((raw - after.test.labels) ** 2))
+    # the study's 0.5 rule stays on the network's own output
+    assert after.report["at_0_5"]["confusion"] == before.report["at_0_5"]["confusion"]
+    assert after.report["roc_auc"] == pytest.approx(before.report["roc_auc"])  # monotone: same ranking
+
+
+def test_shifted_external_sample_scores_with_patient_intervals(tmp_path, external):
+    _, ckpt = external
+    root = tmp_path / "shifted"
+    generate_sample(root, 0, 3, seed=3, style="shifted")
+    out, plots = tmp_path / "ext" / "shifted.json", tmp_path / "ext" / "plots"
+    args = ["evaluate", "--model", str(ckpt), "--root", str(root), "--out", str(out), "--plots", str(plots),
+            "--predictions", str(tmp_path / "ext" / "p.csv"), "--params", str(_params_file(tmp_path))]  # fmt: skip
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    report = json.loads(out.read_text())
+    patients = {line.patient_id for line in parse_label_file(root / "test.txt")[0]}
+    assert report["n_test"] == 6 and report["intervals"]["n_patients"] == len(patients)
+    assert report["at_prevalence"]["prevalence"] == 0.05 and "calibration" in report
+    assert (plots / "reliability_test.json").is_file() and not (plots / "reliability_val.json").exists()

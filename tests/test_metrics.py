@@ -10,7 +10,7 @@ import pytest
 from sklearn.metrics import classification_report, precision_score, recall_score, roc_auc_score
 
 from pipeline.errors import CxrError
-from train import metrics
+from train import intervals, metrics
 
 # 4 negatives, 4 positives; at 0.5: tn=2 fp=2 fn=1 tp=3 (checked by hand).
 LABELS = np.array([0, 0, 0, 0, 1, 1, 1, 1])
@@ -53,7 +53,7 @@ def test_screening_rates_hand_checked():
     assert r["ppv"]["value"] == pytest.approx(3 / 5)
     assert r["npv"]["value"] == pytest.approx(2 / 3)
     for k in metrics.RATES:
-        lo, hi = r[k]["ci95"]
+        lo, hi = r[k]["ci95"]["low"], r[k]["ci95"]["high"]
         assert 0.0 <= lo <= r[k]["value"] <= hi <= 1.0
 
 
@@ -62,7 +62,7 @@ def test_vectorised_rates_equal_sklearn():
     y = rng.integers(0, 2, 500)
     yhat = rng.integers(0, 2, 500)
     tn, fp, fn, tp = (float(((y == a) & (yhat == b)).sum()) for a, b in ((0, 0), (0, 1), (1, 0), (1, 1)))
-    rates = metrics._rates_from_counts(np.array([tn]), np.array([fp]), np.array([fn]), np.array([tp]))
+    rates = intervals.rates_from_counts(np.array([tn]), np.array([fp]), np.array([fn]), np.array([tp]))
     assert rates["sensitivity"][0] == pytest.approx(recall_score(y, yhat, pos_label=1))
     assert rates["specificity"][0] == pytest.approx(recall_score(y, yhat, pos_label=0))
     assert rates["ppv"][0] == pytest.approx(precision_score(y, yhat, pos_label=1))
@@ -79,9 +79,9 @@ def test_bootstrap_is_seeded_and_contains_the_estimate():
     assert a == b
     assert a["sensitivity"]["ci95"] != c["sensitivity"]["ci95"]
     for k in metrics.RATES:
-        lo, hi = a[k]["ci95"]
+        lo, hi = a[k]["ci95"]["low"], a[k]["ci95"]["high"]
         assert lo < a[k]["value"] < hi
-    lo, hi = a["roc_auc_ci95"]
+    lo, hi = a["roc_auc_ci95"]["low"], a["roc_auc_ci95"]["high"]
     assert lo < a["roc_auc"] < hi
     assert a["roc_auc"] == pytest.approx(roc_auc_score(y, p))
     assert a["at_0_5"]["accuracy"] == a["accuracy"]  # same threshold, same numbers

@@ -55,7 +55,7 @@ def test_report_draws_images_wrong_for_every_run_with_each_models_gradcam(tmp_pa
         write_outputs(result, runs / name / "eval.json", runs / name / "predictions_test.csv", None)
         shutil.copy(ckpt, runs / name / "best.pt")
         rows = list(csv.DictReader((runs / name / "predictions_test.csv").open()))
-        wrong.append({r["key"] for r in rows if r["label"] != r["predicted"]})
+        wrong.append({r["key"] for r in rows if r["label"] != r["predicted_at_operating_threshold"]})
     out = tmp_path / "fig8.png"
     result = CliRunner().invoke(app, ["report", "--runs", str(runs), "--out", str(tmp_path / "tables.md"),
                                       "--misclassified", str(out), "--shards-root", str(shards)])  # fmt: skip

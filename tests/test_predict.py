@@ -15,8 +15,10 @@ from typer.testing import CliRunner
 from pipeline.cli import app
 from pipeline.dicom import read_dicom
 from pipeline.preprocess import PreprocessConfig, preprocess_array, preprocess_bytes
+from train.calibration import PROB_COLUMN
+from train.calibration import apply as calibrate
 from train.checkpoint import load_checkpoint, make_meta, save_checkpoint
-from train.export import export_onnx
+from train.export import export_onnx, onnx_meta, onnx_session
 from train.predict import CSV_COLUMNS, collect_inputs, heatmap_name, load_image
 from tests.test_dicom import dicom_bytes
 from tests.test_export import PREPROCESS, make_checkpoint
@@ -24,6 +26,7 @@ from tests.test_export import PREPROCESS, make_checkpoint
 CFG = PreprocessConfig.from_dict(PREPROCESS)
 GOOD = ("a.png", "b16.png", "c.jpg", "d.tiff", "mono1.dcm", "scans/IM0001", "scans/mono2.dcm")
 BAD = ("corrupt.png", "notes.png")
+PLATT = {"method": "platt", "a": 0.5, "b": 0.3, "fitted_on": "val"}
 
 
 def chest(rng: np.random.Generator, h: int = 300, w: int = 260, hi: int = 255) -> np.ndarray:
@@ -61,13 +64,15 @@ def inputs(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory, inputs) -> Path:
-    """resnet50 whose threshold is the median probability over the good inputs, so both decisions occur."""
+    """resnet50 with a Platt calibration, whose threshold is the median calibrated probability over the
+    good inputs, so both decisions occur."""
     good = [inputs / name for name in GOOD]
     path = make_checkpoint(tmp_path_factory.mktemp("model") / "best.pt", "resnet50",
                            calibration=np.stack([load_image(p, CFG) for p in good]))  # fmt: skip
     ckpt = load_checkpoint(path)
-    probs = direct_probabilities(ckpt.build(), good)
-    meta = dict(ckpt.meta, threshold={"value": float(np.median(list(probs.values()))), "rule": "fixed", "split": "val"})
+    probs = calibrate(list(direct_probabilities(ckpt.build(), good).values()), PLATT)
+    meta = dict(ckpt.meta, calibration=PLATT,
+                threshold={"value": float(np.median(probs)), "rule": "fixed", "split": "val"})  # fmt: skip
     save_checkpoint(path, meta, ckpt.state_dict)
     return path
 
@@ -100,12 +105,13 @@ def test_predict_folder_records_every_input_and_fails_with_exit_2(tmp_path, inpu
     rows = read_rows(out)
     assert set(rows) == {str(inputs / n) for n in GOOD + BAD} | {missing}
     ckpt = load_checkpoint(checkpoint)
-    expected = direct_probabilities(ckpt.build(), [inputs / n for n in GOOD])
+    raw = direct_probabilities(ckpt.build(), [inputs / n for n in GOOD])
+    expected = dict(zip(raw, calibrate(list(raw.values()), PLATT)))  # predict applies the checkpoint's calibration
     decisions = set()
     for name in GOOD:
         row = rows[str(inputs / name)]
         assert row["error"] == "", (name, row["error"])
-        prob, threshold = float(row["probability"]), float(row["threshold"])
+        prob, threshold = float(row[PROB_COLUMN]), float(row["threshold"])
         assert threshold == ckpt.threshold
         # same preprocessing, same model; the default engine is ONNX Runtime, checked to 1e-4
         assert prob == pytest.approx(expected[str(inputs / name)], abs=1e-4)
@@ -115,14 +121,14 @@ def test_predict_folder_records_every_input_and_fails_with_exit_2(tmp_path, inpu
     assert decisions == {"positive", "negative"}
     for name in BAD:
         row = rows[str(inputs / name)]
-        assert row["probability"] == row["decision"] == row["engine"] == "" and row["error"]
+        assert row[PROB_COLUMN] == row["decision"] == row["engine"] == "" and row["error"]
     assert "no such file" in rows[missing]["error"]
 
     eager = tmp_path / "eager.csv"
     assert run(str(inputs), "--model", str(checkpoint), "--out", str(eager), "--engine", "eager").exit_code == 2
     for name in GOOD:
         row = read_rows(eager)[str(inputs / name)]
-        assert row["engine"] == "eager-cpu" and float(row["probability"]) == pytest.approx(expected[str(inputs / name)],
+        assert row["engine"] == "eager-cpu" and float(row[PROB_COLUMN]) == pytest.approx(expected[str(inputs / name)],
                                                                                         abs=1e-6)
 
 
@@ -171,6 +177,7 @@ def test_heatmaps_one_png_per_image_with_unique_names(tmp_path, inputs, checkpoi
 @pytest.mark.slow
 def test_onnx_predictions_match_torch(tmp_path, inputs, checkpoint):
     onnx_path = export_onnx(checkpoint, tmp_path / "model.onnx")
+    assert onnx_meta(onnx_session(onnx_path), onnx_path)["calibration"] == PLATT  # stored in the ONNX metadata
     torch_csv, onnx_csv = tmp_path / "torch.csv", tmp_path / "onnx.csv"
     assert run(str(inputs), "--model", str(checkpoint), "--out", str(torch_csv)).exit_code == 2
     # --model is not needed with --onnx: the meta comes from the ONNX file
@@ -181,9 +188,9 @@ def test_onnx_predictions_match_torch(tmp_path, inputs, checkpoint):
     sha = load_checkpoint(checkpoint).file_sha256()[:12]
     for path, row in by_onnx.items():
         assert row["model"] == f"resnet50/equalized@{sha}+onnx" and bool(row["error"]) == bool(by_torch[path]["error"])
-        if not row["error"]:
-            assert abs(float(row["probability"]) - float(by_torch[path]["probability"])) <= 1e-4
-            positive = float(row["probability"]) >= float(row["threshold"])
+        if not row["error"]:  # both calibrated: the mapping travels in the ONNX metadata
+            assert abs(float(row[PROB_COLUMN]) - float(by_torch[path][PROB_COLUMN])) <= 1e-4
+            positive = float(row[PROB_COLUMN]) >= float(row["threshold"])
             assert row["decision"] == ("positive" if positive else "negative")
 
     # heatmaps with --onnx need the checkpoint the ONNX came from

@@ -203,3 +203,39 @@ def test_report_reads_a_real_dvc_exp_show(tmp_path):
     text = out.read_text()
     assert "`incv3` (commit" in text and "inceptionv3/plain" in text and "resnet50/plain" in text
     assert "| InceptionV3 | ours | plain | — | 0.123 | 0.500 | 0.500 | E" in text
+
+
+def _honest(auc: float, sens_low: float) -> dict:
+    """The interval/calibration fields of an eval.json or external JSON (as `dvc exp show` keeps them)."""
+    return {
+        "n_test": 40, "intervals": {"n_patients": 25}, "roc_auc": auc, "roc_auc_ci95": {"low": auc - 0.1, "high": 0.99},
+        "sensitivity": {"value": 1.0, "ci95": {"low": 1.0, "high": 1.0}, "ci95_wilson": {"low": sens_low, "high": 1.0}},
+        "specificity": {"value": 0.5, "ci95": {"low": 0.3, "high": 0.7}, "ci95_wilson": {"low": 0.31, "high": 0.69}},
+        "at_prevalence": {"prevalence": 0.05, "ppv": {"value": 0.095, "ci95": {"low": 0.07, "high": 0.15}},
+                          "npv": {"value": 1.0}},
+        "calibration": {"brier": 0.12, "brier_uncalibrated": 0.2, "ece": 0.05, "ece_uncalibrated": 0.15},
+        "by_source": {"site-x": {"n": 40, "accuracy": 0.75, "sensitivity": 1.0, "specificity": 0.5}},
+    }  # fmt: skip
+
+
+def test_report_shows_test_and_external_with_their_intervals(tmp_path):
+    root = tmp_path / "runs"
+    _write_run(root, "dn", {**_eval("densenet121", "equalized", 0.7, 0.6), **_honest(0.81, 0.839)}, None)
+    (root / "dn" / "external").mkdir()
+    (root / "dn" / "external" / "shifted.json").write_text(json.dumps(_honest(0.62, 0.722)))
+    text = rep.render(run_sources.runs_from_dir(root), rep.load_published())
+    section = text[text.index("### In-distribution and external validation"):]
+    test_row = next(line for line in section.splitlines() if "test (in-distribution)" in line)
+    ext_row = next(line for line in section.splitlines() if "external: shifted" in line)
+    assert "0.810 [0.710, 0.990]" in test_row and "1.000 [1.000, 1.000] W[0.839, 1.000]" in test_row
+    assert "0.620 [0.520, 0.990]" in ext_row and "W[0.722, 1.000]" in ext_row
+    assert "0.095 [0.070, 0.150]" in test_row and "0.120 (0.200)" in test_row and "40 / 25" in test_row
+    assert "PPV at prevalence 0.05" in section and "cluster bootstrap over patients" in section
+    assert "| E1 densenet121/equalized | shifted | site-x | 40 | 0.750 | 1.000 | 0.500 |" in section
+
+
+def test_exp_show_external_metrics_come_with_the_run():
+    data = json.loads(json.dumps(EXP_SHOW[:1]))
+    data[0]["data"]["metrics"]["metrics/external/shifted.json"] = {"data": _honest(0.6, 0.7)}
+    runs, _ = run_sources.runs_from_exp_show(data, "metrics/eval.json", "metrics/latency.json")
+    assert list(runs[0].external) == ["shifted"] and runs[0].external["shifted"]["roc_auc"] == 0.6

@@ -21,6 +21,7 @@ from pipeline.sample import (
     draw_opacities,
     draw_view,
     generate_sample,
+    lead_marker,
     lung_fields,
     patient_grid,
 )
@@ -225,3 +226,38 @@ def test_a_user_file_inside_an_earlier_sample_stops_the_replacement(tmp_path):
     with pytest.raises(CxrError, match="holds 'my-notes.txt'"):
         generate_sample(out, 2, 2, 1)
     assert (out / "my-notes.txt").read_text() == "keep me"
+@pytest.fixture(scope="module")
+def shifted(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("shifted") / "external" / "shifted"
+    summary = generate_sample(root, 0, 6, seed=20211, style="shifted")
+    assert summary["style"] == "shifted" and summary["images"]["test"] == {"negative": 6, "positive": 6}
+    return root
+
+
+def _long_sides(root: Path, split: str = "test") -> list[int]:
+    return [max(cv2.imdecode(np.fromfile(p, np.uint8), cv2.IMREAD_UNCHANGED).shape[:2])
+            for p in sorted((root / split).iterdir())]  # fmt: skip
+
+
+def test_shifted_style_is_a_test_only_set_of_other_patients(sample, shifted):
+    root, _ = sample
+    assert (shifted / "train.txt").read_text() == "" and not any((shifted / "train").iterdir())
+    ours = {row[0] for row in read_labels(shifted / "test.txt")}
+    theirs = {row[1] for row in all_rows(root)}
+    assert len(ours) >= 2 and not ours & theirs  # another site: no patient in common
+
+
+def test_shifted_style_has_larger_images_with_lead_markers(sample, shifted):
+    root, _ = sample
+    assert np.median(_long_sides(shifted)) > 1.4 * np.median(_long_sides(root))
+    h, w = 400, 300
+    marked = lead_marker(np.zeros((h, w), np.float32), np.random.default_rng(0))
+    rows = np.nonzero(marked.max(axis=1) > 0.5)[0]
+    assert rows.size and rows.min() >= 0.08 * h  # below the rows preprocessing crops away: the model sees it
+
+
+def test_unknown_style_is_refused(tmp_path):
+    with pytest.raises(CxrError, match="unknown style"):
+        generate_sample(tmp_path / "s", 2, 2, seed=0, style="vintage")
+    with pytest.raises(CxrError, match="train_per_class must be an integer >= 2"):
+        generate_sample(tmp_path / "s", 0, 2, seed=0)  # only an external set may lack training images

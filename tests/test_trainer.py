@@ -70,6 +70,13 @@ def test_train_writes_self_describing_best_and_resumable_last(tmp_path: Path, sh
     assert 0.0 <= best.threshold <= 1.0 and best.meta["epoch"] == result["best_epoch"]
     assert best.meta["val_loss"] == pytest.approx(result["best_val_loss"])
     assert best.build()(torch.rand(2, 1, 32, 32)).shape == (2,)
+    # calibration fitted on validation, the threshold chosen on its scale, the selection with its interval
+    assert best.meta["calibration"]["fitted_on"] == "val" and best.meta["calibration"]["n"] == 8
+    assert best.meta["calibration"] == result["calibration"]
+    chosen = best.meta["selection"]
+    assert chosen["rule"] == "val_loss" and chosen["epoch"] == result["best_epoch"] and chosen["n_images"] == 8
+    lo, hi = chosen["val_loss_ci95"]["low"], chosen["val_loss_ci95"]["high"]
+    assert lo <= chosen["val_loss"] <= hi and "patients" in chosen["ci95_method"]
 
     last = load_checkpoint(out / "last.pt")
     assert last.extra["epoch"] == 2 and last.extra["finished"] and len(last.extra["history"]) == 2

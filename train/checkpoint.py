@@ -4,8 +4,8 @@ A checkpoint is a plain dict of tensors and primitives so that it loads with
 `torch.load(..., weights_only=True)` (no pickled code runs). It carries
 everything later stages need to rebuild the model and its preprocessing:
 model name, input size, variant, class names, the operating threshold chosen
-on validation, the preprocessing params and the full params it was trained
-with. Evaluation, latency, prediction and export read these, never params.yaml.
+on validation, the calibration fitted there, how the epoch was selected, the
+preprocessing params and the full params it was trained with. Evaluation, latency, prediction and export read these, never params.yaml.
 """
 
 from __future__ import annotations
@@ -78,6 +78,8 @@ def make_meta(
     threshold: dict[str, Any],
     epoch: int,
     val_loss: float | None,
+    calibration: dict[str, Any] | None = None,
+    selection: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     return {
         "format": FORMAT,
@@ -90,6 +92,10 @@ def make_meta(
         "params": params,
         "epoch": epoch,
         "val_loss": val_loss,
+        # Platt scaling fitted on validation (train/calibration.py); the threshold is on its scale
+        "calibration": calibration,
+        # how best.pt's epoch was chosen, and how sure the validation split can be of it
+        "selection": selection,
     }
 
 

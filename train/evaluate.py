@@ -1,18 +1,24 @@
 """Stage `evaluate`: a checkpoint over the test and validation shards -> metrics, predictions, plots.
 
+Every probability below is CALIBRATED (the checkpoint's `calibration`, fitted
+on validation, train/calibration.py): P(COVID-19) at the validation prevalence.
 Layout of the metrics JSON (`metrics/eval.json`):
 
 - top level: the TEST split at the operating threshold the trainer chose on
-  validation (`threshold` = the checkpoint's {value, rule, split, ...}):
+  (calibrated) validation scores (`threshold` = the checkpoint's {value, rule, split, ...}):
   `accuracy`, `negative`/`positive` {precision, recall, f1, support}, `macro`
   {precision, recall, f1}, `confusion` {tn, fp, fn, tp}, `sensitivity`,
-  `specificity`, `ppv`, `npv` (each {value, ci95}), `by_source`; plus the
-  threshold-free `roc_auc`, `roc_auc_ci95`, `pr_auc`, and `n_test`,
-  `positives`, `negatives`;
-- `at_0_5`: the same threshold-dependent block at threshold 0.5;
+  `specificity`, `ppv`, `npv` (each {value, ci95, ci95_wilson, count}),
+  `accuracy_ci95`, `positive_f1_ci95`, `macro_f1_ci95`, `at_prevalence`
+  (PPV/NPV at evaluate.prevalence), `by_source`; the threshold-free `roc_auc`,
+  `roc_auc_ci95`, `pr_auc`; `calibration` (Brier and ECE before and after);
+  `intervals` (each interval's method, resamples, seed, patients, images);
+  `n_test`, `n_patients`, `positives`, `negatives`;
+- `at_0_5`: the same threshold-dependent block at 0.5 on the UNCALIBRATED
+  output (the study's rule);
 - `val`: the validation split in the same layout (its own `at_0_5` included);
 - `model`: checkpoint identity (path, sha256, model, variant, epoch);
-  `bootstrap`: how the intervals were drawn.
+  `calibration_model`: the mapping applied.
 
 External testing scores another COVIDx-layout root's test split through the
 checkpoint's own preprocessing, without shards, into a separate file.
@@ -40,6 +46,7 @@ from pipeline.ownership import claim_folder
 from pipeline.params import EvaluateParams
 from pipeline.preprocess import PreprocessConfig, preprocess_bytes
 from pipeline.shard_format import CLASS_NAMES, ShardSummary, read_summary
+from train import calibration as calibration_mod
 from train import metrics
 from train.checkpoint import Checkpoint, load_checkpoint
 from train.data import eval_batches
@@ -50,26 +57,36 @@ from train.inference import Engine, batched, ordered_prefetch
 class Predictions:
     keys: list[str]
     labels: np.ndarray  # int64 (N,)
-    probs: np.ndarray  # float64 (N,), P(positive)
+    probs: np.ndarray  # float64 (N,), calibrated P(positive) (at the validation prevalence)
     meta: list[dict[str, Any]]  # per image: source, patient_id, filename, ...
+    raw: np.ndarray  # float64 (N,), the network's own sigmoid output, before calibration
 
     @property
     def sources(self) -> list[str]:
         return [str(m.get("source", "unknown")) for m in self.meta]
+
+    @property
+    def patients(self) -> list[str]:
+        # an image without a patient id is its own patient (never pooled with another)
+        return [str(m.get("patient_id") or f"<image {k}>") for k, m in zip(self.keys, self.meta)]
 
 
 @dataclass(frozen=True)
 class EvalResult:
     report: dict[str, Any]
     test: Predictions
+    val: Predictions | None = None  # None for an external set (no validation split)
 
 
 def inference_device() -> torch.device:
     return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
 
 
-def predict_batches(engine: Engine, batches: Iterable[dict[str, Any]], progress: tqdm | None = None) -> Predictions:
-    """fp32 probabilities for uint8 (B, 1, H, W) batches, in the order given; `progress` counts images."""
+def predict_batches(
+    engine: Engine, batches: Iterable[dict[str, Any]], progress: tqdm | None = None, calibration: dict | None = None
+) -> Predictions:
+    """Probabilities for uint8 (B, 1, H, W) batches, in the order given: raw and calibrated
+    (`calibration`, the checkpoint's); `progress` counts images."""
     keys, labels, probs, meta = [], [], [], []
     for batch in batches:
         probs.append(engine.probabilities(batch["image"]))
@@ -79,8 +96,9 @@ def predict_batches(engine: Engine, batches: Iterable[dict[str, Any]], progress:
         keys += list(batch["key"])
         meta += list(batch["meta"])
     if not keys:  # the caller says why (no shards, every image rejected)
-        return Predictions([], np.empty(0, np.int64), np.empty(0, np.float64), [])
-    return Predictions(keys, np.concatenate(labels).astype(np.int64), np.concatenate(probs).astype(np.float64), meta)
+        return Predictions([], np.empty(0, np.int64), np.empty(0, np.float64), [], np.empty(0, np.float64))
+    raw = np.concatenate(probs).astype(np.float64)
+    return Predictions(keys, np.concatenate(labels).astype(np.int64), calibration_mod.apply(raw, calibration), meta, raw)
 
 
 def identity(ckpt: Checkpoint) -> dict[str, Any]:
@@ -96,10 +114,13 @@ def identity(ckpt: Checkpoint) -> dict[str, Any]:
 
 def split_report(pred: Predictions, threshold: float, params: EvaluateParams, seed: int) -> dict[str, Any]:
     """The metrics layout described in the module docstring, for one split."""
-    report = metrics.split_metrics(pred.labels, pred.probs, threshold, params.bootstrap, seed)
+    report = metrics.split_metrics(pred.labels, pred.probs, threshold, params.bootstrap, seed, groups=pred.patients,
+                                   prevalence=params.prevalence, probs_at_0_5=pred.raw)  # fmt: skip
     report["by_source"] = metrics.by_source(pred.labels, pred.probs, pred.sources, threshold)
     report["at_0_5"]["threshold"] = 0.5
-    report["at_0_5"]["by_source"] = metrics.by_source(pred.labels, pred.probs, pred.sources, 0.5)
+    report["at_0_5"]["applied_to"] = "uncalibrated network output (the study's rule)"
+    report["at_0_5"]["by_source"] = metrics.by_source(pred.labels, pred.raw, pred.sources, 0.5)
+    report["calibration"] = calibration_mod.calibration_report(pred.labels, pred.raw, pred.probs)
     return report
 
 
@@ -134,12 +155,13 @@ def evaluate_shards(
     _check_compatible(ckpt, summary)
     runner = Engine(ckpt, engine, inference_device())
     threshold = ckpt.meta["threshold"]
+    cal = ckpt.meta.get("calibration")
     preds = {}
     for split in ("test", "val"):
         batches = eval_batches(summary, split, params.batch_size, num_workers)
         with tqdm(total=summary.split(split).count, desc=f"evaluate {split}", unit="img", disable=not show_progress,
                   leave=False) as bar:  # fmt: skip
-            preds[split] = predict_batches(runner, batches, bar)
+            preds[split] = predict_batches(runner, batches, bar, cal)
     for split, pred in preds.items():  # eval_batches asserts this too; a metric over a partial split is wrong
         if len(pred.keys) != summary.split(split).count:
             expected = summary.split(split).count
@@ -152,14 +174,14 @@ def evaluate_shards(
         "n_test": n_test,
         **test,
         "val": split_report(preds["val"], float(threshold["value"]), params, seed),
-        "bootstrap": {"resamples": params.bootstrap, "seed": seed, "method": "percentile, resampling images"},
+        "calibration_model": cal or calibration_mod.IDENTITY,
         "shards": str(summary.directory),
         # Images shared between label files (ingest's data.leaks): nonzero means test may overlap training.
         "leaks_between_splits": summary.raw.get("leak_count", 0),
         "device": str(runner.device),
         "inference": runner.describe(),
     }
-    return EvalResult(report, preds["test"])
+    return EvalResult(report, preds["test"], preds["val"])
 
 
 def external_test_items(root: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
@@ -250,7 +272,8 @@ def evaluate_external(
     total = len(items) + len(label_rejects)
     threads = max(1, workers or os.cpu_count() or 1)  # decoding releases the GIL (OpenCV, Pillow): threads suffice
     with tqdm(total=len(items), desc="score external", unit="img", disable=not show_progress, leave=False) as bar:
-        pred = predict_batches(runner, _external_batches(items, cfg, params.batch_size, threads, rejects), bar)
+        pred = predict_batches(runner, _external_batches(items, cfg, params.batch_size, threads, rejects), bar,
+                               ckpt.meta.get("calibration"))
     if total == 0 or len(rejects) / total > max_reject_fraction:
         first = "; ".join(r["reason"] for r in rejects[:3])
         raise CxrError(
@@ -267,7 +290,7 @@ def evaluate_external(
         "n_test": n_test,
         **test,
         "dataset": {"root": root, "label_lines": total, "reject_count": len(rejects), "rejects": rejects},
-        "bootstrap": {"resamples": params.bootstrap, "seed": seed, "method": "percentile, resampling images"},
+        "calibration_model": ckpt.meta.get("calibration") or calibration_mod.IDENTITY,
         "device": str(runner.device),
         "inference": runner.describe(),
     }
@@ -291,20 +314,27 @@ def write_predictions(path: Path, pred: Predictions, threshold: float) -> None:
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w", newline="") as fh:
         writer = csv.writer(fh)
-        writer.writerow(["key", "source", "patient_id", "filename", "label", "probability", "predicted"])
-        for key, meta, label, prob, hat in zip(pred.keys, pred.meta, pred.labels, pred.probs, predicted):
+        writer.writerow(["key", "source", "patient_id", "filename", "label", calibration_mod.PROB_COLUMN,
+                         calibration_mod.RAW_COLUMN, "predicted_at_operating_threshold"])  # fmt: skip
+        rows = zip(pred.keys, pred.meta, pred.labels, pred.probs, pred.raw, predicted)
+        for key, meta, label, prob, raw, hat in rows:
             where = [meta.get(k, "") for k in ("source", "patient_id", "filename")]
-            writer.writerow([key, *where, int(label), f"{prob:.6f}", int(hat)])
+            writer.writerow([key, *where, int(label), f"{prob:.6f}", f"{raw:.6f}", int(hat)])
     os.replace(tmp, path)
 
 
-PLOT_NAMES = (re.compile(r"roc\.json"), re.compile(r"pr\.json"), re.compile(r"confusion\.csv"))
+PLOT_NAMES = tuple(re.compile(re.escape(name)) for name in
+                   ("roc.json", "pr.json", "confusion.csv", "reliability_test.json", "reliability_val.json"))
 
 
-def write_plots(plots_dir: Path, pred: Predictions, threshold: float) -> None:
-    """ROC and PR points (JSON lists) and one (actual, predicted) row per image for DVC's confusion template."""
+def write_plots(plots_dir: Path, pred: Predictions, threshold: float, val: Predictions | None = None) -> None:
+    """ROC and PR points (JSON lists), reliability diagrams (test, and val when given) and one
+    (actual, predicted) row per image for DVC's confusion template."""
     claim_folder(plots_dir, "evaluate-plots", PLOT_NAMES)
     write_json(plots_dir / "roc.json", metrics.roc_points(pred.labels, pred.probs))
+    write_json(plots_dir / "reliability_test.json", calibration_mod.reliability(pred.labels, pred.probs))
+    if val is not None:
+        write_json(plots_dir / "reliability_val.json", calibration_mod.reliability(val.labels, val.probs))
     write_json(plots_dir / "pr.json", metrics.pr_points(pred.labels, pred.probs))
     predicted = metrics.predict_labels(pred.probs, threshold)
     rows = "".join(f"{CLASS_NAMES[a]},{CLASS_NAMES[b]}\n" for a, b in zip(pred.labels, predicted))
@@ -316,7 +346,7 @@ def write_outputs(result: EvalResult, out: Path, predictions: Path | None, plots
     if predictions is not None:
         write_predictions(predictions, result.test, threshold)
     if plots_dir is not None:
-        write_plots(plots_dir, result.test, threshold)
+        write_plots(plots_dir, result.test, threshold, result.val)
     write_json(out, result.report)
 
 
@@ -330,7 +360,7 @@ def human_summary(r: dict[str, Any], out: Path) -> str:
     c = r.get("confusion", {})
     auc = "n/a" if r.get("roc_auc") is None else f"{r['roc_auc']:.3f}"
     ci = r.get("roc_auc_ci95")
-    auc += f" (95% CI {ci[0]:.3f}-{ci[1]:.3f})" if ci else ""
+    auc += f" (95% CI {ci['low']:.3f}-{ci['high']:.3f}, patients resampled)" if ci else ""
     return "\n".join([
         f"{r['model']['name']}/{r['model']['variant']} on {r['n_test']} test images, threshold "
         f"{r['threshold']['value']:.3g} (chosen on validation by {r['threshold'].get('rule', '?')}):",

@@ -130,6 +130,7 @@ class Validation:
     accuracy: float  # at threshold 0.5
     labels: np.ndarray
     probs: np.ndarray
+    patients: list[str]  # patient id per image, for patient-level intervals
 
 
 @torch.inference_mode()
@@ -146,7 +147,7 @@ def validate(
 ) -> Validation:
     """One exact pass over `split`; `precise` skips autocast (for the final threshold)."""
     net.eval()
-    loss_sum, labels, probs = 0.0, [], []
+    loss_sum, labels, probs, patients = 0.0, [], [], []
     for batch in eval_batches(summary, split, batch_size, num_workers):
         y = batch["label"].to(rt.device)
         x = to_device_images(batch["image"], rt)
@@ -161,6 +162,7 @@ def validate(
         loss_sum += float(losses.sum())
         labels.append(y.cpu().numpy())
         probs.append(torch.sigmoid(logits.double()).cpu().numpy())  # fp32 sigmoid saturates at 1.0 from logit ~17
+        patients += [str(m.get("patient_id") or f"<image {k}>") for k, m in zip(batch["key"], batch["meta"])]
     labels_np, probs_np = np.concatenate(labels), np.concatenate(probs)
     accuracy = float(((probs_np >= 0.5).astype(int) == labels_np).mean())
-    return Validation(loss_sum / len(labels_np), accuracy, labels_np, probs_np)
+    return Validation(loss_sum / len(labels_np), accuracy, labels_np, probs_np, patients)

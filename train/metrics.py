@@ -10,8 +10,9 @@ into the JSON the `evaluate` stage writes. Conventions:
   study's Tables II-IV were produced with;
 - the screening rates (sensitivity, specificity, PPV, NPV) and the AUCs are
   `null` with a reason when undefined (e.g. a split holding one class), never 0;
-- confidence intervals are 95% percentile bootstraps over images, from a
-  seeded `numpy.random.Generator`, so the same inputs give the same interval.
+- confidence intervals (train/intervals.py) are 95% percentile cluster
+  bootstraps over PATIENTS from a seeded generator, plus Wilson score
+  intervals for the four rates; each split's `intervals` block names them.
 """
 
 from __future__ import annotations
@@ -32,10 +33,10 @@ from sklearn.metrics import (
 
 from pipeline.errors import CxrError
 from pipeline.shard_format import CLASS_NAMES
+from train import intervals
 
 THRESHOLD_RULES = ("max_f1", "target_sensitivity")
 RATES = ("sensitivity", "specificity", "ppv", "npv")
-_BOOT_CHUNK = 128  # resamples per vectorised chunk: bounds memory on large external test sets
 
 
 def _num(x: Any) -> float | None:
@@ -86,35 +87,21 @@ def class_metrics(labels: Any, probs: Any, threshold: float) -> dict[str, Any]:
     return out
 
 
-def _rates_from_counts(tn, fp, fn, tp) -> dict[str, np.ndarray]:
-    # Plain ratios of confusion counts, vectorised over bootstrap resamples:
-    # 1000 sklearn calls per metric take seconds, these take milliseconds. A
-    # test checks they equal sklearn's recall/precision on the full sample.
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return {
-            "sensitivity": tp / (tp + fn),
-            "specificity": tn / (tn + fp),
-            "ppv": tp / (tp + fp),
-            "npv": tn / (tn + fn),
-        }
+def _rate_counts(tn, fp, fn, tp) -> dict[str, tuple[int, int]]:
+    """(successes, trials) behind each screening rate, for its Wilson interval."""
+    return {"sensitivity": (tp, tp + fn), "specificity": (tn, tn + fp), "ppv": (tp, tp + fp), "npv": (tn, tn + fn)}
 
 
-def _bootstrap_indices(n: int, n_boot: int, seed: int):
-    rng = np.random.default_rng(seed)
-    for start in range(0, n_boot, _BOOT_CHUNK):
-        yield rng.integers(0, n, size=(min(_BOOT_CHUNK, n_boot - start), n))
+def screening_rates(
+    labels: Any, probs: Any, threshold: float, n_boot: int, seed: int,
+    groups: Any = None, prevalence: float | None = None,
+) -> dict[str, Any]:  # fmt: skip
+    """Sensitivity, specificity, PPV, NPV, each `{"value", "ci95", "ci95_wilson", "count"}`
+    (null + reason when undefined); CIs of accuracy and F1; PPV/NPV at `prevalence`.
 
-
-def _ci(samples: np.ndarray) -> list[float] | None:
-    samples = samples[~np.isnan(samples)]
-    if samples.size == 0:
-        return None
-    lo, hi = np.percentile(samples, [2.5, 97.5])
-    return [float(lo), float(hi)]
-
-
-def screening_rates(labels: Any, probs: Any, threshold: float, n_boot: int, seed: int) -> dict[str, Any]:
-    """Sensitivity, specificity, PPV, NPV, each `{"value", "ci95"}` (null + reason when undefined)."""
+    `groups` (patient id per image) makes the bootstrap resample patients; None
+    treats each image as its own patient.
+    """
     y, p = check_arrays(labels, probs)
     yhat = predict_labels(p, threshold)
     prec, rec, _, _ = precision_recall_fscore_support(y, yhat, labels=[0, 1], zero_division=np.nan)
@@ -125,44 +112,57 @@ def screening_rates(labels: Any, probs: Any, threshold: float, n_boot: int, seed
         "ppv": "no image called positive",
         "npv": "no image called negative",
     }
-    cells = 2 * y + yhat  # 0 tn, 1 fp, 2 fn, 3 tp
-    boot = {k: [] for k in RATES}
-    for idx in _bootstrap_indices(len(y), n_boot, seed):
-        counts = [(cells[idx] == k).sum(axis=1).astype(np.float64) for k in range(4)]
-        for k, v in _rates_from_counts(*counts).items():
-            boot[k].append(v)
+    tn, fp, fn, tp = (int(c) for c in confusion_matrix(y, yhat, labels=[0, 1]).ravel())
+    codes = intervals.patient_codes(groups, len(y))
+    boot = intervals.rates_from_counts(*intervals.bootstrap_counts(y, yhat, codes, n_boot, seed))
     out: dict[str, Any] = {}
-    for k in RATES:
+    for k, (hits, trials) in _rate_counts(tn, fp, fn, tp).items():
         value = _num(point[k])
-        ci = _ci(np.concatenate(boot[k])) if value is not None and n_boot else None
-        entry: dict[str, Any] = {"value": value, "ci95": ci}
+        entry: dict[str, Any] = {
+            "value": value,
+            "ci95": intervals.percentile_ci(boot[k]) if value is not None else None,
+            "ci95_wilson": intervals.wilson_ci(hits, trials),
+            "count": [hits, trials],
+        }
         if value is None:
             entry["undefined"] = why[k]
         out[k] = entry
+    for k in ("accuracy", "positive_f1", "macro_f1"):
+        out[f"{k}_ci95"] = intervals.percentile_ci(boot[k])
+    if prevalence is not None:
+        sens, spec = out["sensitivity"]["value"], out["specificity"]["value"]
+        adjusted = intervals.at_prevalence(np.nan if sens is None else sens, np.nan if spec is None else spec,
+                                           prevalence)  # fmt: skip
+        boot_adj = intervals.at_prevalence(boot["sensitivity"], boot["specificity"], prevalence)
+        out["at_prevalence"] = {
+            "prevalence": float(prevalence),
+            "method": intervals.PREVALENCE_METHOD,
+            **{k: {"value": _num(adjusted[k]), "ci95": intervals.percentile_ci(boot_adj[k])} for k in ("ppv", "npv")},
+        }
     return out
 
 
-def ranking_metrics(labels: Any, probs: Any, n_boot: int, seed: int) -> dict[str, Any]:
-    """Threshold-free: ROC AUC (with bootstrap CI) and PR AUC (average precision)."""
+def ranking_metrics(labels: Any, probs: Any, n_boot: int, seed: int, groups: Any = None) -> dict[str, Any]:
+    """Threshold-free: ROC AUC (with a patient bootstrap CI) and PR AUC (average precision)."""
     y, p = check_arrays(labels, probs)
     if not _both_classes(y):
         reason = f"undefined: the split holds only {CLASS_NAMES[int(y[0])]} images"
         return {"roc_auc": None, "roc_auc_ci95": None, "pr_auc": None, "auc_undefined": reason}
-    boot = []
-    for idx in _bootstrap_indices(len(y), n_boot, seed):
-        for row in idx:
-            if _both_classes(y[row]):  # a resample holding one class has no AUC
-                boot.append(roc_auc_score(y[row], p[row]))
+    boot = intervals.bootstrap_auc(y, p, intervals.patient_codes(groups, len(y)), n_boot, seed)
     return {
         "roc_auc": float(roc_auc_score(y, p)),
-        "roc_auc_ci95": _ci(np.asarray(boot, dtype=np.float64)) if boot else None,
+        "roc_auc_ci95": intervals.percentile_ci(boot),
         "pr_auc": float(average_precision_score(y, p)),
     }
 
 
-def threshold_metrics(labels: Any, probs: Any, threshold: float, n_boot: int, seed: int) -> dict[str, Any]:
+def threshold_metrics(
+    labels: Any, probs: Any, threshold: float, n_boot: int, seed: int,
+    groups: Any = None, prevalence: float | None = None,
+) -> dict[str, Any]:  # fmt: skip
     """Everything that depends on the operating threshold."""
-    return {**class_metrics(labels, probs, threshold), **screening_rates(labels, probs, threshold, n_boot, seed)}
+    rates = screening_rates(labels, probs, threshold, n_boot, seed, groups, prevalence)
+    return {**class_metrics(labels, probs, threshold), **rates}
 
 
 def by_source(labels: Any, probs: Any, sources: list[str], threshold: float) -> dict[str, Any]:
@@ -193,16 +193,27 @@ def by_source(labels: Any, probs: Any, sources: list[str], threshold: float) -> 
     return out
 
 
-def split_metrics(labels: Any, probs: Any, threshold: float, n_boot: int, seed: int) -> dict[str, Any]:
-    """A split's full report: at the operating threshold (top level), at 0.5 (`at_0_5`), and AUCs."""
+def split_metrics(
+    labels: Any, probs: Any, threshold: float, n_boot: int, seed: int,
+    groups: Any = None, prevalence: float | None = None, probs_at_0_5: Any = None,
+) -> dict[str, Any]:  # fmt: skip
+    """A split's full report: at the operating threshold (top level), at 0.5 (`at_0_5`), and AUCs.
+
+    `probs_at_0_5` are the scores the 0.5 rule is applied to (the study's rule is
+    on the network's own, uncalibrated output); by default `probs`.
+    """
     y, p = check_arrays(labels, probs)
+    p05 = p if probs_at_0_5 is None else check_arrays(y, probs_at_0_5)[1]
+    codes = intervals.patient_codes(groups, len(y))
     return {
         "n": int(len(y)),
+        "n_patients": int(codes.max()) + 1,
         "positives": int(y.sum()),
         "negatives": int(len(y) - y.sum()),
-        **threshold_metrics(y, p, threshold, n_boot, seed),
-        **ranking_metrics(y, p, n_boot, seed),
-        "at_0_5": threshold_metrics(y, p, 0.5, n_boot, seed),
+        **threshold_metrics(y, p, threshold, n_boot, seed, groups, prevalence),
+        **ranking_metrics(y, p, n_boot, seed, groups),
+        "at_0_5": threshold_metrics(y, p05, 0.5, n_boot, seed, groups, prevalence),
+        "intervals": intervals.describe(n_boot, seed, codes),
     }
 
 

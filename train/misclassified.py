@@ -25,6 +25,7 @@ from matplotlib.figure import Figure
 from pipeline.errors import CxrError
 from pipeline.figures import save_figure, shard_images
 from pipeline.shard_format import read_summary
+from train.calibration import PROB_COLUMN
 from train.checkpoint import load_checkpoint
 from train.gradcam import gradcam_heatmaps, overlay
 
@@ -119,10 +120,13 @@ def evaluate_figure(checkpoint_path: Path, result, out: Path, device: torch.devi
 
 
 def _predictions(data: bytes, label: str) -> dict[str, dict[str, str]]:
+    """key -> row, with `probability` the score the run's threshold applies to: the calibrated
+    column of current runs, or the `probability` column of runs from before calibration."""
     rows = list(csv.DictReader(io.StringIO(data.decode())))
-    if not rows or not {"key", "label", "probability"} <= set(rows[0]):
-        raise CxrError(f"run {label}: its predictions CSV lacks key/label/probability columns")
-    return {r["key"]: r for r in rows}
+    column = next((c for c in (PROB_COLUMN, "probability") if rows and c in rows[0]), None)
+    if not rows or column is None or not {"key", "label"} <= set(rows[0]):
+        raise CxrError(f"run {label}: its predictions CSV lacks key/label/{PROB_COLUMN} columns")
+    return {r["key"]: {**r, "probability": r[column]} for r in rows}
 
 
 def report_figure(runs: Sequence["Run"], repo: Path, shards_root: Path, out: Path, per_kind: int = 4,

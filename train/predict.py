@@ -2,11 +2,12 @@
 
 Everything that defines the model's behaviour comes from the model artifact,
 never from flags: architecture, variant, preprocessing (the shard stage's own
-`preprocess_bytes` / `preprocess_array`) and the operating threshold the
-trainer chose on validation. With `onnx_path` they come from the metadata that
+`preprocess_bytes` / `preprocess_array`), the calibration and the operating
+threshold the trainer fitted on validation. With `onnx_path` they come from the metadata that
 `cxr export` stored in the .onnx file (see train/export.py). From a checkpoint,
 the engine is ONNX Runtime when it matches PyTorch (train/inference.py); each
-row's `engine` column says which one scored it.
+row's `engine` column says which one scored it. Either way the checkpoint's
+calibration is applied to the engine's probabilities here, once.
 
 An input that cannot be read gets a row with its reason and the run goes on;
 the caller turns `PredictSummary.failed` into the exit code. Rows are streamed
@@ -38,12 +39,15 @@ from pipeline.errors import CxrError
 from pipeline.ownership import claim_folder
 from pipeline.preprocess import PreprocessConfig, preprocess_bytes
 from pipeline.shard_format import CLASS_NAMES
+from train.calibration import PROB_COLUMN
+from train.calibration import apply as calibrate
 from train.checkpoint import load_checkpoint
 from train.gradcam import gradcam_heatmaps, write_overlay
 from train.inference import Engine, batched, ordered_prefetch
 from train.metrics import predict_labels
 
-CSV_COLUMNS = ("path", "probability", "decision", "threshold", "model", "engine", "error")
+# The probability column is calibrated (Platt, fitted on validation): P(COVID-19) at the validation prevalence.
+CSV_COLUMNS = ("path", PROB_COLUMN, "decision", "threshold", "model", "engine", "error")
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".tif", ".tiff", *DICOM_SUFFIXES})
 _GLOB_CHARS = frozenset("*?[")
 HEATMAP_NAME = re.compile(r".+-[0-9a-f]{10}\.png")  # heatmap_name's pattern: all a heatmap folder may hold
@@ -213,7 +217,7 @@ def predict(
         decided = probability is not None
         return {
             "path": path,
-            "probability": repr(probability) if decided else "",  # repr: exact, so CSV decisions re-check exactly
+            PROB_COLUMN: repr(probability) if decided else "",  # repr: exact, so CSV decisions re-check exactly
             "decision": CLASS_NAMES[int(predict_labels(np.array([probability]), threshold)[0])] if decided else "",
             "threshold": repr(threshold),
             "model": model.identity,
@@ -233,7 +237,8 @@ def predict(
         write_rows(rows)
         for chunk in batched(loaded, batch_size):
             ok = [(path, img) for path, img in chunk if not isinstance(img, str)]
-            probs = model.probabilities(np.stack([img for _, img in ok])) if ok else np.empty(0)
+            raw = model.probabilities(np.stack([img for _, img in ok])) if ok else np.empty(0)
+            probs = calibrate(raw, model.meta.get("calibration"))  # the same mapping for PyTorch and ONNX
             by_path = {path: float(p) for (path, _), p in zip(ok, probs)}
             batch_rows = [row(str(p), by_path.get(p), "" if p in by_path else img) for p, img in chunk]
             write_rows(batch_rows)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 import subprocess
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +23,7 @@ class Run:
     eval: dict[str, Any]
     latency: dict[str, Any]
     directory: Path | None = None  # the run's folder, for runs read with --runs DIR
+    external: dict[str, dict[str, Any]] = field(default_factory=dict)  # external set name -> its metrics
 
     @property
     def origin(self) -> str:
@@ -42,10 +43,24 @@ def get(d: Any, dotted: str) -> Any:
     return d
 
 
-def _make_run(label: str, rev: str | None, ev: dict, lat: dict, params: dict, directory: Path | None = None) -> Run:
+EXTERNAL_DIR = "metrics/external/"
+
+
+def _make_run(label: str, rev: str | None, ev: dict, lat: dict, params: dict, directory: Path | None = None,
+              external: dict | None = None) -> Run:  # fmt: skip
     model = get(ev, "model.name") or lat.get("model") or params.get("model")
     variant = get(ev, "model.variant") or lat.get("variant") or params.get("variant")
-    return Run(label, rev, model, variant, ev, lat, directory)
+    return Run(label, rev, model, variant, ev, lat, directory, external or {})
+
+
+def _external_files(files: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """metrics/external/<name>.json entries of one exp-show revision -> {name: metrics}."""
+    out = {}
+    for path, entry in files.items():
+        rel = path.replace("\\", "/")
+        if rel.startswith(EXTERNAL_DIR) and rel.endswith(".json") and (entry or {}).get("data"):
+            out[rel[len(EXTERNAL_DIR) : -len(".json")]] = entry["data"]
+    return out
 
 
 # A run's per-image predictions and weights: where `dvc.yaml` puts them in an
@@ -82,7 +97,8 @@ def runs_from_exp_show(data: list[dict], eval_name: str, latency_name: str) -> t
     Returns the runs and, for entries skipped, why (a failed experiment, or a
     metrics file DVC could not read: e.g. `cache: false` metrics under a
     git-ignored folder never reach the experiment commits). DVC drops lists
-    and nulls from metrics there (no `ci95`), which the tables do not need.
+    and nulls from metrics there, hence intervals are {low, high} scalars.
+    External metrics files (`metrics/external/<name>.json`) come along as `Run.external`.
     The workspace usually repeats the last experiment applied to it, so runs
     with identical metrics are kept once, under the first name seen.
     """
@@ -114,7 +130,7 @@ def runs_from_exp_show(data: list[dict], eval_name: str, latency_name: str) -> t
         if signature in seen:
             continue
         seen.add(signature)
-        runs.append(_make_run(label, rev, ev or {}, lat or {}, params or {}))
+        runs.append(_make_run(label, rev, ev or {}, lat or {}, params or {}, external=_external_files(files)))
     return runs, skipped
 
 
@@ -129,7 +145,8 @@ def exp_show_json(repo: Path) -> list[dict]:
 
 
 def runs_from_dir(directory: Path) -> list[Run]:
-    """DIR/<run>/eval.json and/or DIR/<run>/latency.json, one sub-directory per run."""
+    """DIR/<run>/eval.json and/or DIR/<run>/latency.json (and DIR/<run>/external/<name>.json),
+    one sub-directory per run."""
     directory = Path(directory)
     if not directory.is_dir():
         raise CxrError(f"no run directory at {directory}")
@@ -137,8 +154,9 @@ def runs_from_dir(directory: Path) -> list[Run]:
     for sub in sorted(p for p in directory.iterdir() if p.is_dir()):
         files = {name: sub / f"{name}.json" for name in ("eval", "latency")}
         loaded = {k: json.loads(p.read_text()) for k, p in files.items() if p.is_file()}
+        external = {p.stem: json.loads(p.read_text()) for p in sorted((sub / "external").glob("*.json"))}
         if loaded:
-            runs.append(_make_run(sub.name, None, loaded.get("eval", {}), loaded.get("latency", {}), {}, sub))
+            runs.append(_make_run(sub.name, None, loaded.get("eval", {}), loaded.get("latency", {}), {}, sub, external))
     return runs
 
 

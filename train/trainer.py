@@ -3,9 +3,10 @@
 Protocol (params.yaml, each key overridable with `dvc exp run -S`): Adam with
 the per-model default lr, no weight decay; class-weighted BCE with weights
 from the shard summary; InceptionV3's aux loss x train.aux_weight; device-side
-affine augmentation; early stopping on validation loss; the best epoch's
-weights (a real copy) saved as OUT/best.pt with the operating threshold chosen
-on validation; OUT/last.pt after every epoch for an exact resume.
+affine augmentation; early stopping on the selection metric; the best epoch's
+weights (a real copy; "best" per train.select, train/selection.py) saved as
+OUT/best.pt with a Platt calibration and then the operating threshold, both
+fitted on validation; OUT/last.pt after every epoch for an exact resume.
 
 Randomness is re-derived from (seed, epoch, rank) at the start of every epoch
 (data order, augmentation, dropout), so resuming at an epoch boundary needs
@@ -35,6 +36,7 @@ from train.loop import make_optimizer, train_one_epoch, validate
 from train.models import build_model, model_spec
 from train.runtime import Runtime, barrier, broadcast_floats, start_runtime, stop_runtime
 from train.metrics import choose_threshold  # shared with the evaluate stage
+from train import calibration, selection
 
 BEST_NAME = "best.pt"
 LAST_NAME = "last.pt"
@@ -60,6 +62,7 @@ def _fresh_state(fingerprint: str) -> dict[str, Any]:
         "best_state": None,
         "best_epoch": 0,
         "best_val_loss": float("inf"),
+        "best_score": list(selection.WORST),
         "bad_epochs": 0,
         "history": [],
         "finished": False,
@@ -85,7 +88,8 @@ def _resume_state(last: Path, fingerprint: str, rt: Runtime) -> tuple[dict[str, 
     return dict(ckpt.extra), ckpt.state_dict
 
 
-def _meta(params: Params, summary: ShardSummary, threshold: dict, epoch: int, val_loss: float | None) -> dict:
+def _meta(params: Params, summary: ShardSummary, threshold: dict, epoch: int, val_loss: float | None,
+          calibration: dict | None = None, chosen: dict | None = None) -> dict:  # fmt: skip
     return make_meta(
         model=params.model,
         variant=summary.variant,
@@ -95,6 +99,8 @@ def _meta(params: Params, summary: ShardSummary, threshold: dict, epoch: int, va
         threshold=threshold,
         epoch=epoch,
         val_loss=val_loss,
+        calibration=calibration,
+        selection=chosen,
     )
 
 
@@ -131,6 +137,7 @@ def train_model(params: Params, shard_dir: Path, out_dir: Path, live_dir: Path, 
     summary = read_summary(shard_dir)
     if summary.variant != params.variant:
         raise CxrError(f"{shard_dir} holds the {summary.variant!r} variant but params variant is {params.variant!r}")
+    selection.check_rule(params.train.select, summary.split("val").class_counts)
     rt = start_runtime()
     try:
         return _train(params, summary, Path(out_dir), Path(live_dir), rt, progress)
@@ -190,10 +197,12 @@ def _train(params: Params, summary: ShardSummary, out_dir: Path, live_dir: Path,
         val = validate(net, summary, "val", rt=rt, class_weights=class_weights,
                        batch_size=params.evaluate.batch_size, num_workers=tp.num_workers)
         val_loss, val_accuracy, val_auc = broadcast_floats(rt, [val.loss, val.accuracy, _auc(val.labels, val.probs)])
-        if val_loss < state["best_val_loss"]:
+        epoch_score = selection.score(tp.select, val_loss, None if math.isnan(val_auc) else val_auc)
+        if selection.improved(epoch_score, state["best_score"]):
             # only rank 0 writes checkpoints, so only it keeps a copy of the best weights
             best = detached_state_dict(net) if rt.is_main else None
-            state.update(best_state=best, best_epoch=epoch + 1, best_val_loss=val_loss, bad_epochs=0)
+            state.update(best_state=best, best_epoch=epoch + 1, best_val_loss=val_loss, best_score=epoch_score,
+                         bad_epochs=0)  # fmt: skip
         else:
             state["bad_epochs"] += 1
         early = state["bad_epochs"] >= max(tp.patience, 1)
@@ -231,15 +240,20 @@ def _train(params: Params, summary: ShardSummary, out_dir: Path, live_dir: Path,
 
 
 def _finish(params, summary, out_dir, rt, net, state, class_weights) -> dict[str, Any]:
-    """Best weights -> validation probabilities (fp32 forward) -> threshold -> best.pt."""
+    """Best weights -> validation probabilities (fp32 forward) -> calibration -> threshold -> best.pt."""
     if state["best_state"] is None:
         raise CxrError("training ended without a single validated epoch")
     net.load_state_dict(state["best_state"])
     val = validate(net, summary, "val", rt=rt, class_weights=class_weights,
                    batch_size=params.evaluate.batch_size, num_workers=params.train.num_workers, precise=True)
-    threshold = choose_threshold(val.labels, val.probs, params.evaluate.threshold_rule,
+    # Calibration first, threshold after: the threshold is a calibrated probability.
+    cal = calibration.fit_platt(val.labels, val.probs)
+    threshold = choose_threshold(val.labels, calibration.apply(val.probs, cal), params.evaluate.threshold_rule,
                                  params.evaluate.target_sensitivity)
-    meta = _meta(params, summary, threshold, state["best_epoch"], state["best_val_loss"])
+    chosen = selection.selection_report(params.train.select, state["best_epoch"], val.labels, val.probs,
+                                        val.patients, class_weights.tolist(), params.evaluate.bootstrap,
+                                        params.seed)  # fmt: skip
+    meta = _meta(params, summary, threshold, state["best_epoch"], state["best_val_loss"], cal, chosen)
     save_checkpoint(out_dir / BEST_NAME, meta, state["best_state"], extra={})
     return {
         "epochs_run": state["epoch"],
@@ -247,5 +261,7 @@ def _finish(params, summary, out_dir, rt, net, state, class_weights) -> dict[str
         "best_epoch": state["best_epoch"],
         "best_val_loss": state["best_val_loss"],
         "threshold": threshold,
+        "calibration": cal,
+        "selection": chosen,
         "history": state["history"],
     }
