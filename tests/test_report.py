@@ -239,3 +239,19 @@ def test_exp_show_external_metrics_come_with_the_run():
     data[0]["data"]["metrics"]["metrics/external/shifted.json"] = {"data": _honest(0.6, 0.7)}
     runs, _ = run_sources.runs_from_exp_show(data, "metrics/eval.json", "metrics/latency.json")
     assert list(runs[0].external) == ["shifted"] and runs[0].external["shifted"]["roc_auc"] == 0.6
+
+
+def test_spread_over_seeds_is_mean_and_sample_sd(tmp_path):
+    root = tmp_path / "runs"
+    for i, auc in enumerate((0.6, 0.7, 0.8)):
+        _write_run(root, f"seed{i}", {**_eval("densenet121", "equalized", 0.7, 0.6 + i / 100), **_honest(auc, 0.8)},
+                   None)  # fmt: skip
+        (root / f"seed{i}" / "external").mkdir()
+        (root / f"seed{i}" / "external" / "shifted.json").write_text(json.dumps(_honest(auc - 0.1, 0.8)))
+    _write_run(root, "alone", _eval("resnet50", "plain", 0.7, 0.6), None)  # one run: no spread to show
+    text = rep.render(run_sources.runs_from_dir(root), rep.load_published())
+    section = text[text.index("### Spread over runs") : text.index("## Sources")]
+    row = next(line for line in section.splitlines() if line.startswith("| densenet121/equalized"))
+    # mean 0.7, sample SD of (0.6, 0.7, 0.8) = 0.1; external 0.6 ± 0.1; sensitivity 1.0 in every run
+    assert "| 0.700 ± 0.100 | 1.000 ± 0.000 |" in row and "| 0.600 ± 0.100 |" in row
+    assert "resnet50/plain" not in section and "shifted: ROC AUC" in section

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.errors import CxrError
-from train.report_validity import validity_section
+from train.report_validity import spread_section, validity_section
 from train.runs import Run, best_by_pair, get
 
 MODEL_ORDER = ("alexnet", "vgg16", "resnet50", "densenet121", "inceptionv3")
@@ -218,9 +218,7 @@ def render(runs: list[Run], published: dict[str, Any], at: str = "0.5") -> str:
     parts.append(_table_v(lat_runs, published, tags))
     parts.append(_tables_vi_vii(pairs, lat_runs, published, tags, prefix))
     shown = [pairs[k] for k in sorted(pairs, key=lambda k: (MODEL_ORDER.index(k[0]) if k[0] in MODEL_ORDER else 99, k))]
-    validity = validity_section(shown, tags)
-    if validity:
-        parts.append(validity)
+    parts += [text for text in (validity_section(shown, tags), spread_section(runs, tags)) if text]
     parts.append(_sources(tags, published))
     return "\n".join(parts)
 

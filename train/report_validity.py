@@ -10,6 +10,7 @@ pooled number.
 
 from __future__ import annotations
 
+import statistics
 from typing import Any, Callable
 
 from train.runs import Run, get
@@ -83,3 +84,48 @@ def validity_section(runs: list[Run], tag: Callable[[Run], str]) -> str:
             ["run", "external set", "source", "images", "accuracy", "sensitivity", "specificity"], by_source
         ) + "\n"
     return text
+
+
+SPREAD_METRICS = (
+    ("test ROC AUC", "roc_auc"),
+    ("test sensitivity", "sensitivity.value"),
+    ("test specificity", "specificity.value"),
+    ("test Brier", "calibration.brier"),
+    ("test ECE", "calibration.ece"),
+)
+
+
+def _spread(values: list[float]) -> str:
+    if not values:
+        return MISSING
+    if len(values) == 1:
+        return f"{values[0]:.3f}"
+    return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
+
+
+def spread_section(runs: list[Run], tag: Callable[[Run], str]) -> str:
+    """Mean ± sample SD over every run of a (model, variant), e.g. several seeds: the noise a reader
+    should weigh a single number against. External sets get the same columns (ROC AUC, sensitivity)."""
+    groups: dict[tuple[str, str], list[Run]] = {}
+    for run in runs:
+        if run.eval and run.model and run.variant:
+            groups.setdefault((run.model, run.variant), []).append(run)
+    groups = {k: v for k, v in groups.items() if len(v) > 1}
+    if not groups:
+        return ""
+    names = sorted({name for rs in groups.values() for r in rs for name in r.external})
+    header = ["model/variant", "runs"] + [h for h, _ in SPREAD_METRICS]
+    header += [f"{n}: {h}" for n in names for h in ("ROC AUC", "sensitivity")]
+    rows = []
+    for (model, variant), rs in sorted(groups.items()):
+        row = [f"{model}/{variant}", ", ".join(tag(r) for r in rs)]
+        for _, key in SPREAD_METRICS:
+            row.append(_spread([v for r in rs if (v := get(r.eval, key)) is not None]))
+        for n in names:
+            for key in ("roc_auc", "sensitivity.value"):
+                row.append(_spread([v for r in rs if (v := get(r.external.get(n), key)) is not None]))
+        rows.append(row)
+    return (
+        "### Spread over runs (e.g. seeds)\n\nMean ± sample standard deviation over all runs of a model and "
+        "variant; each run also differs in whatever else its parameters changed.\n\n" + _table(header, rows) + "\n"
+    )
