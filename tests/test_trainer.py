@@ -111,6 +111,29 @@ def test_same_params_give_the_same_loss_curve(tmp_path: Path, shards: Path):
 
 
 @pytest.mark.slow
+def test_select_val_auc_keeps_the_best_auc_epoch_and_records_it(tmp_path: Path, shards: Path):
+    result = train_model(_params(epochs=3, select="val_auc"), shards, tmp_path / "m", tmp_path / "l", progress=False)
+    history = result["history"]
+    assert all(h["val_auc"] is not None for h in history)
+    # highest AUC, ties to the lower loss, then to the earlier epoch
+    expected = min(history, key=lambda h: (-h["val_auc"], h["val_loss"], h["epoch"]))["epoch"]
+    assert result["best_epoch"] == expected
+    best = load_checkpoint(tmp_path / "m" / "best.pt")
+    chosen = best.meta["selection"]
+    assert chosen["rule"] == "val_auc" and chosen["epoch"] == expected and chosen["value"] == chosen["val_auc"]
+    assert "val_auc" in json.loads((tmp_path / "l" / "metrics.json").read_text())
+
+
+def test_select_val_auc_refuses_a_one_class_validation_split(tmp_path: Path):
+    shards = make_tiny_shards(tmp_path / "s" / "plain", per_class={"train": 4, "val": 2, "test": 2}, size=32)
+    summary = json.loads((shards / "summary.json").read_text())
+    summary["splits"]["val"]["class_counts"]["positive"] = 0
+    (shards / "summary.json").write_text(json.dumps(summary))
+    with pytest.raises(CxrError, match="val_auc needs both classes"):
+        train_model(_params(select="val_auc"), shards, tmp_path / "m", tmp_path / "l", progress=False)
+
+
+@pytest.mark.slow
 def test_training_converges_on_the_toy_with_this_cpus_precision(tmp_path: Path):
     # bf16 autocast + channels_last where the CPU has native bf16, fp32 elsewhere: either must learn
     shards = make_tiny_shards(tmp_path / "shards" / "plain", per_class={"train": 16, "val": 8, "test": 2}, size=32)
