@@ -269,8 +269,9 @@ def train(
     """Train params `model` on the shards, streaming them with WebDataset.
 
     Reads: SHARDS/summary.json and SHARDS/{train,val}-*.tar; params (seed, model, variant, train.*,
-    evaluate.threshold_rule, evaluate.target_sensitivity). Writes: OUT/best.pt (best validation loss,
-    with the operating threshold chosen on validation), OUT/last.pt (every epoch; a rerun with the same
+    evaluate.threshold_rule, evaluate.target_sensitivity, evaluate.bootstrap). Writes: OUT/best.pt (the
+    epoch train.select picks, with its validation metric and interval, a Platt calibration and then the
+    operating threshold, both fitted on validation), OUT/last.pt (every epoch; a rerun with the same
     params and data resumes from it), LIVE/metrics.json and LIVE/plots/. Multi-process:
     `torchrun --nproc_per_node N -m pipeline.cli train` (DDP; NCCL on GPUs, gloo on CPU).
     On CPU, LD_PRELOAD=/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4 (Debian libtcmalloc-minimal4)
