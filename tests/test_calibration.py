@@ -59,6 +59,9 @@ def test_apply_hand_checked_and_unknown_method():
     assert calibration.apply([0.0, 1.0], cal).tolist() == pytest.approx([0.0, 1.0], abs=1e-9)
     with pytest.raises(CxrError, match="unknown calibration method"):
         calibration.apply([0.5], {"method": "isotonic"})
+    for bad in ({"a": -1.0, "b": 0.0}, {"a": float("nan"), "b": 0.0}, {"a": 1.0, "b": "0"}, {"a": True, "b": 0.0}):
+        with pytest.raises(CxrError, match="invalid calibration"):
+            calibration.apply([0.5], {"method": "platt", **bad})
 
 
 def test_brier_and_ece_hand_checked():

@@ -83,7 +83,11 @@ def apply(probs: Any, calibration: dict[str, Any] | None) -> np.ndarray:
         return p
     if calibration.get("method") != METHOD:
         raise CxrError(f"unknown calibration method {calibration.get('method')!r}; this code knows {METHOD!r}")
-    return _sigmoid(float(calibration["a"]) * logit(p) + float(calibration["b"]))
+    a, b = calibration.get("a"), calibration.get("b")
+    # model meta travels (checkpoints, ONNX files): a crafted mapping must fail as one clear line
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v) for v in (a, b)) or a <= 0:
+        raise CxrError(f"invalid calibration in model meta: need finite a > 0 and b, got a={a!r} b={b!r}")
+    return _sigmoid(float(a) * logit(p) + float(b))
 
 
 def brier(labels: Any, probs: Any) -> float:
