@@ -273,12 +273,15 @@ def test_plots_folder_with_user_files_is_refused(tmp_path):
 
     (tmp_path / "plots").mkdir()
     (tmp_path / "plots" / "thesis.pdf").write_bytes(b"%PDF")
-    pred = Predictions(["a", "b"], np.array([0, 1]), np.array([0.2, 0.9]), [{}, {}])
+    probs = np.array([0.2, 0.9])
+    pred = Predictions(["a", "b"], np.array([0, 1]), probs, [{}, {}], raw=probs)
     with pytest.raises(CxrError, match="refusing to write into .*thesis.pdf"):
         write_plots(tmp_path / "plots", pred, 0.5)
     assert sorted(p.name for p in (tmp_path / "plots").iterdir()) == ["thesis.pdf"]
     write_plots(tmp_path / "fresh", pred, 0.5)
     assert {"roc.json", "pr.json", "confusion.csv"} <= {p.name for p in (tmp_path / "fresh").iterdir()}
+
+
 def test_calibration_of_the_checkpoint_is_applied_before_the_threshold(tmp_path):
     shards = make_tiny_shards(tmp_path / "s", per_class={"train": 2, "val": 3, "test": 5}, size=SIZE)
     platt = {"method": "platt", "a": 3.0, "b": -0.5, "fitted_on": "val"}
