@@ -127,7 +127,8 @@ def test_select_val_auc_keeps_the_best_auc_epoch_and_records_it(tmp_path: Path, 
 def test_select_val_auc_refuses_a_one_class_validation_split(tmp_path: Path):
     shards = make_tiny_shards(tmp_path / "s" / "plain", per_class={"train": 4, "val": 2, "test": 2}, size=32)
     summary = json.loads((shards / "summary.json").read_text())
-    summary["splits"]["val"]["class_counts"]["positive"] = 0
+    val = summary["splits"]["val"]
+    val["class_counts"] = {"negative": val["count"], "positive": 0}  # consistent, or the summary check refuses it
     (shards / "summary.json").write_text(json.dumps(summary))
     with pytest.raises(CxrError, match="val_auc needs both classes"):
         train_model(_params(select="val_auc"), shards, tmp_path / "m", tmp_path / "l", progress=False)
