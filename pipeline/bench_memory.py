@@ -67,13 +67,16 @@ def peak_rss(cmd: list[str], interval: float = 0.02) -> dict[str, Any]:
     if not Path("/proc/self/status").exists():
         raise CxrError("bench-memory reads /proc: it runs on Linux only")
     start = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    tree_peak = one_peak = 0
-    while proc.poll() is None:
-        total, largest = _tree_rss(proc.pid)
-        tree_peak, one_peak = max(tree_peak, total), max(one_peak, largest)
-        time.sleep(interval)
-    stderr = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
+    # stderr goes to a file, not a pipe: a chatty child would fill a pipe nobody reads while polling.
+    with tempfile.TemporaryFile() as err:
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err)
+        tree_peak = one_peak = 0
+        while proc.poll() is None:
+            total, largest = _tree_rss(proc.pid)
+            tree_peak, one_peak = max(tree_peak, total), max(one_peak, largest)
+            time.sleep(interval)
+        err.seek(0)
+        stderr = err.read().decode(errors="replace")
     return {
         "exit_code": proc.returncode,
         "seconds": round(time.perf_counter() - start, 1),

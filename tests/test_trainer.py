@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -180,13 +181,19 @@ def test_sigkill_mid_run_then_rerun_continues_and_matches_an_uninterrupted_run(t
     cmd = _cli("--shards", str(shards), "--out", str(tmp_path / "models"), "--live", str(tmp_path / "live"),
                "--params", str(_write_params(params, tmp_path / "params.yaml")))
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    last = tmp_path / "models" / "last.pt"
-    deadline = time.monotonic() + 300
-    while not last.exists() and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    output = proc.communicate()[0].decode()
+    # Its own process group, killed as a whole (as `kill -9` of a job or the OOM killer would):
+    # a surviving loader worker would otherwise hold the output pipe open and hang communicate().
+    log = tmp_path / "killed_run.log"
+    with log.open("wb") as sink:
+        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True)
+        last = tmp_path / "models" / "last.pt"
+        deadline = time.monotonic() + 300
+        while not last.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=60)
+    output = log.read_text(errors="replace")
     assert last.exists(), output
     killed_at = load_checkpoint(last).extra["epoch"]
     assert 1 <= killed_at < 3, "the run finished before it could be killed"
