@@ -204,16 +204,17 @@ def shard(
 @app.command(rich_help_panel=SCREENING)
 @_fail_cleanly
 def verify(
-    shards: Annotated[list[Path], typer.Argument(help="Shard variant folders to check", show_default=False)],
+    shards: Annotated[list[str], typer.Argument(help="Shard variant folders or URLs to check", show_default=False)],
 ) -> None:
     """Check every shard against the sha256 recorded in its folder's summary.json.
 
-    Reads: SHARDS/summary.json (validated) and SHARDS/*.tar. Writes nothing. Exit code 1 names
+    Reads: SHARDS/summary.json (validated) and SHARDS/*.tar (SHARDS: a folder or a URL, as for
+    train). Writes nothing. Exit code 1 names
     the shards that are missing or changed.
     """
     from pipeline.shard_format import verify_shards
 
-    _echo_json({str(d): verify_shards(d) for d in shards})
+    _echo_json({d: verify_shards(d) for d in shards})
 
 
 @app.command("bench-preprocess", rich_help_panel=BENCHMARKS)
@@ -258,7 +259,8 @@ def bench_memory(
 @_fail_cleanly
 def train(
     shards: Annotated[
-        Optional[Path], typer.Option(help="Shard variant directory (default: shards/<params variant>)")
+        Optional[str],
+        typer.Option(help="Shard variant folder or URL (http(s)://, s3://, gs://, file://; default: shards/<params variant>)"),
     ] = None,
     out: Annotated[Path, typer.Option(help="Directory for best.pt (model output) and last.pt (resume)")] = Path(
         "models"
@@ -268,11 +270,13 @@ def train(
 ) -> None:
     """Train params `model` on the shards, streaming them with WebDataset.
 
-    Reads: SHARDS/summary.json and SHARDS/{train,val}-*.tar; params (seed, model, variant, train.*,
-    evaluate.threshold_rule, evaluate.target_sensitivity, evaluate.bootstrap). Writes: OUT/best.pt (the
-    epoch train.select picks, with its validation metric and interval, a Platt calibration and then the
-    operating threshold, both fitted on validation), OUT/last.pt (every epoch; a rerun with the same
-    params and data resumes from it), LIVE/metrics.json and LIVE/plots/. Multi-process:
+    Reads: SHARDS/summary.json and SHARDS/{train,val}-*.tar, each checked against its sha256 (SHARDS: a folder
+    or a URL); params (seed, model, variant, train.*, evaluate.threshold_rule, evaluate.target_sensitivity,
+    evaluate.bootstrap); the weights train.init names (imagenet: torchvision's file in the torch hub cache; or
+    a checkpoint to fine-tune). Writes: OUT/best.pt (the epoch train.select picks, with its validation metric
+    and interval, a Platt calibration and then the operating threshold, both fitted on validation, and the
+    init it started from), OUT/last.pt (every epoch; a rerun with the same params and data resumes from it),
+    LIVE/metrics.json and LIVE/plots/. Multi-process:
     `torchrun --nproc_per_node N -m pipeline.cli train` (DDP; NCCL on GPUs, gloo on CPU).
     On CPU, LD_PRELOAD=/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4 (Debian libtcmalloc-minimal4)
     avoids glibc malloc's page-fault stalls on large batches; it is not preloaded automatically.
@@ -280,7 +284,7 @@ def train(
     from train.trainer import train_model
 
     p = _params(params)
-    result = train_model(p, shards or Path("shards") / p.variant, out, live)
+    result = train_model(p, shards or str(Path("shards") / p.variant), out, live)
     if result:  # rank 0 only under DDP
         _echo_json({k: v for k, v in result.items() if k != "history"})
 
@@ -364,7 +368,7 @@ def evaluate(
         "models/best.pt"
     ),
     shards: Annotated[
-        Optional[Path], typer.Option(help="Shard directory to score (default: shards/<checkpoint variant>)")
+        Optional[str], typer.Option(help="Shard folder or URL to score (default: shards/<checkpoint variant>)")
     ] = None,
     root: Annotated[
         Optional[Path],
@@ -640,8 +644,8 @@ def export(
     model: Annotated[Path, typer.Option(help="Checkpoint to export")] = Path("models/best.pt"),
     out: Annotated[Path, typer.Option(help="ONNX file to write")] = Path("models/model.onnx"),
     verify_shards: Annotated[
-        Optional[Path],
-        typer.Option(help="Shard directory whose test images are also used to check ONNX against PyTorch"),
+        Optional[str],
+        typer.Option(help="Shard folder or URL whose test images are also used to check ONNX against PyTorch"),
     ] = None,
     verify_count: Annotated[int, typer.Option(help="How many of those test images to check")] = 64,
     tolerance: Annotated[

@@ -35,7 +35,7 @@ from pipeline.fileio import atomic_write_bytes
 from pipeline.imageio import DecodeLimits
 from pipeline.manifest import ManifestEntry, read_manifest
 from pipeline.preprocess import decode_image, to_grey_u8
-from pipeline.shard_format import CLASS_NAMES, SPLITS, read_summary
+from pipeline.shard_format import CLASS_NAMES, SPLITS, is_url, read_shard, read_summary
 
 DPI = 100
 WIDTH_IN = 16.0
@@ -86,14 +86,17 @@ def dimensions_figure(entries: list[ManifestEntry], out: Path, top: int = 25) ->
     return save_figure(fig, out)
 
 
-def shard_images(directory: Path, keys: set[str]) -> dict[str, np.ndarray]:
-    """The stored 224x224 images of `keys` from a variant's tars (the format of pipeline.shard_format)."""
-    summary = read_summary(directory)
+def shard_images(location: Path | str, keys: set[str]) -> dict[str, np.ndarray]:
+    """The stored 224x224 images of `keys` from a variant's tars (the format of pipeline.shard_format),
+    in a folder or at a URL (a shard from a URL is checked against its sha256 before it is opened)."""
+    summary = read_summary(location)
+    sha256 = summary.shard_sha256()
     found: dict[str, np.ndarray] = {}
     paths = [path for split in SPLITS for path in summary.shard_paths(split)]
     for path in tqdm(paths, desc=f"read {summary.variant} shards", unit="shard", leave=False, disable=len(paths) < 8):
         if len(found) < len(keys):  # stop reading once every key is found
-            with tarfile.open(path) as tar:
+            source = {"fileobj": io.BytesIO(read_shard(path, sha256[path]))} if is_url(path) else {"name": path}
+            with tarfile.open(**source) as tar:
                 for member in tar:
                     key, _, ext = member.name.partition(".")
                     if ext == "png" and key in keys:

@@ -21,6 +21,8 @@ from pipeline.errors import CxrError
 
 MODEL_NAMES = ("alexnet", "vgg16", "resnet50", "densenet121", "inceptionv3")
 VARIANTS = ("plain", "equalized")
+INIT_KINDS = ("scratch", "imagenet", "checkpoint")  # what a checkpoint's meta records as train.init's kind
+FREEZE_MODES = ("none", "backbone")
 _NAME = re.compile(r"[A-Za-z0-9_-]+")
 
 
@@ -78,6 +80,8 @@ class TrainParams:
     aux_weight: float
     select: Literal["val_loss", "val_auc"]  # which epoch's weights become best.pt
     augment: AugmentParams
+    init: str  # scratch | imagenet | path of a cxr-screen checkpoint to fine-tune (train/pretrained.py)
+    freeze: Literal["none", "backbone"]  # backbone: train the final classifier layer(s) only
 
 
 @dataclass(frozen=True)
@@ -207,6 +211,9 @@ def _check_ranges(p: Params) -> None:
         (p.train.lr is None or p.train.lr > 0, "train.lr must be > 0 or null"),
         (p.train.max_steps is None or p.train.max_steps > 0, "train.max_steps must be > 0 or null"),
         (p.train.augment.scale[0] <= p.train.augment.scale[1], "train.augment.scale must be [low, high]"),
+        (p.train.init.strip() != "", "train.init must be scratch, imagenet or a checkpoint path"),
+        (p.train.freeze == "none" or p.train.init != "scratch",
+         "train.freeze=backbone keeps the backbone as it starts: it needs train.init imagenet or a checkpoint"),
         (0.0 < p.evaluate.target_sensitivity <= 1.0, "evaluate.target_sensitivity must be in (0, 1]"),
         (0.0 < p.evaluate.prevalence < 1.0, "evaluate.prevalence must be in (0, 1)"),
         (p.evaluate.bootstrap >= 0, "evaluate.bootstrap must be >= 0"),

@@ -5,10 +5,16 @@ shards named `{split}-{NNNNNN}.tar` and one `summary.json`. Each sample has
 `__key__` (our own, dot-free), `png` (1-channel uint8 image), `cls` (0 negative,
 1 positive) and `json` (provenance). `train/` imports this module and nothing
 else from the data side except the params types.
+
+A variant's location is a local folder or a URL (http(s)://, s3://, gs://,
+file://, anything fsspec opens): summary.json is read from that same place, and
+every shard is checked against the sha256 the summary lists before any of its
+samples is used, so a shard altered in storage or in transit is refused.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from dataclasses import dataclass
@@ -43,19 +49,25 @@ class SplitInfo:
 
 @dataclass(frozen=True)
 class ShardSummary:
-    directory: Path
+    location: str  # a local folder or a URL, as given
     variant: str
     splits: dict[str, SplitInfo]
     preprocess: dict[str, Any]
     raw: dict[str, Any]
 
     def shard_paths(self, split: str) -> list[str]:
-        info = self.split(split)
-        return [str(self.directory / s["name"]) for s in info.shards]
+        """Where the split's shards are: local paths or URLs, in write order."""
+        return [join_location(self.location, s["name"]) for s in self.split(split).shards]
+
+    def shard_sha256(self) -> dict[str, str]:
+        """{shard path or URL: sha256 the shard stage recorded}, over every split."""
+        return {
+            join_location(self.location, s["name"]): s["sha256"] for info in self.splits.values() for s in info.shards
+        }
 
     def split(self, split: str) -> SplitInfo:
         if split not in self.splits:
-            raise CxrError(f"{self.directory}: no split {split!r} (have {sorted(self.splits)})")
+            raise CxrError(f"{self.location}: no split {split!r} (have {sorted(self.splits)})")
         return self.splits[split]
 
     def class_weights(self, split: str = "train") -> list[float]:
@@ -69,23 +81,71 @@ class ShardSummary:
         total = info.count
         counts = [info.class_counts.get(name, 0) for name in CLASS_NAMES]
         if min(counts) == 0:
-            raise CxrError(f"{self.directory}: split {split!r} lacks a class: counts {dict(zip(CLASS_NAMES, counts))}")
+            raise CxrError(f"{self.location}: split {split!r} lacks a class: counts {dict(zip(CLASS_NAMES, counts))}")
         return [total / (len(CLASS_NAMES) * c) for c in counts]
 
 
-def read_summary(directory: Path | str) -> ShardSummary:
-    """The variant folder's summary, validated (types, bounds, safe shard names) before anything uses it."""
-    directory = Path(directory)
-    path = directory / SUMMARY_NAME
-    if not path.is_file():
+_URL = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
+
+
+def is_url(location: str | Path) -> bool:
+    return bool(_URL.match(str(location)))
+
+
+def join_location(location: str | Path, name: str) -> str:
+    if is_url(location):
+        return f"{str(location).rstrip('/')}/{name}"
+    return str(Path(location) / name)
+
+
+def read_bytes(location: str | Path) -> bytes:
+    """A whole file from a local path or a URL (through fsspec)."""
+    if not is_url(location):
+        try:
+            return Path(location).read_bytes()
+        except OSError as exc:
+            raise CxrError(f"cannot read {location}: {exc.strerror or exc}") from None
+    import fsspec  # only for URLs: local runs never import it
+
+    try:
+        with fsspec.open(str(location), "rb") as fh:
+            return fh.read()
+    except ImportError as exc:  # fsspec names the backend package to install (s3fs, gcsfs, ...)
+        raise CxrError(f"cannot read {location}: {exc}") from None
+    except Exception as exc:  # network, HTTP status and permission errors come in many types per backend
+        raise CxrError(f"cannot read {location}: {type(exc).__name__}: {exc}") from None
+
+
+def read_shard(location: str, sha256: str) -> bytes:
+    """A shard's bytes, refused unless they hash to the sha256 in the summary.
+
+    The whole shard is read before any sample is decoded (shards are a few MB,
+    at most shard.max_bytes), so a tampered or truncated shard never reaches a model.
+    """
+    data = read_bytes(location)
+    got = hashlib.sha256(data).hexdigest()
+    if got != sha256:
+        raise CxrError(
+            f"{location}: sha256 {got[:16]}... differs from the summary's {sha256[:16]}... "
+            f"({len(data)} bytes): the shard was altered or truncated; refusing it"
+        )
+    return data
+
+
+def read_summary(location: Path | str) -> ShardSummary:
+    """The variant at a local folder or URL (its summary.json, read from the same place), validated
+    (types, bounds, safe shard names, a sha256 per shard) before anything uses it."""
+    location = str(location).rstrip("/") if is_url(location) else str(location)
+    path = join_location(location, SUMMARY_NAME)
+    if not is_url(location) and not Path(path).is_file():
         raise CxrError(f"no shard summary at {path}: run the shard stage first (dvc repro shard)")
     try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raw = json.loads(read_bytes(path))
+    except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError
         raise CxrError(f"{path} is not a readable shard summary: {exc}") from None
     splits = _check_summary(raw, path)
     return ShardSummary(
-        directory=directory, variant=raw["variant"], splits=splits, preprocess=raw["params"]["preprocess"], raw=raw
+        location=location, variant=raw["variant"], splits=splits, preprocess=raw["params"]["preprocess"], raw=raw
     )
 
 
@@ -97,7 +157,7 @@ def _is_count(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= MAX_SAMPLES
 
 
-def _check_summary(raw: Any, path: Path) -> dict[str, SplitInfo]:
+def _check_summary(raw: Any, path: str) -> dict[str, SplitInfo]:
     def need(ok: bool, what: str) -> None:
         if not ok:
             raise CxrError(f"{path}: invalid shard summary: {what}")
@@ -126,18 +186,24 @@ def _check_summary(raw: Any, path: Path) -> dict[str, SplitInfo]:
     return splits
 
 
-def verify_shards(directory: Path | str) -> dict[str, Any]:
-    """Check every shard of a variant folder against the sha256 in its summary; CxrError naming the bad ones."""
-    summary = read_summary(directory)
+def verify_shards(location: Path | str) -> dict[str, Any]:
+    """Check every shard of a variant (folder or URL) against the sha256 in its summary; CxrError naming the bad ones."""
+    summary = read_summary(location)
     bad, checked = [], 0
     for split in summary.splits:
         for shard in summary.split(split).shards:
-            path = summary.directory / shard["name"]
-            found = sha256_file(path) if path.is_file() else "missing"
+            where = join_location(summary.location, shard["name"])
+            if is_url(where):
+                try:
+                    found = hashlib.sha256(read_bytes(where)).hexdigest()
+                except CxrError:
+                    found = "missing"
+            else:
+                found = sha256_file(where) if Path(where).is_file() else "missing"
             checked += 1
             if found != shard["sha256"]:
                 bad.append(shard["name"] + (" (missing)" if found == "missing" else ""))
     if bad:
-        raise CxrError(f"{summary.directory}: {len(bad)} of {checked} shard(s) do not match the summary's sha256: "
+        raise CxrError(f"{summary.location}: {len(bad)} of {checked} shard(s) do not match the summary's sha256: "
                        + ", ".join(bad[:5]))  # fmt: skip
     return {"shards": checked, "ok": True, "variant": summary.variant}

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
+import threading
+from collections.abc import Iterator
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import cv2
@@ -93,6 +97,45 @@ def make_tiny_shards(
     return directory
 
 
+def reseal(directory: Path) -> None:
+    """Record the shards' current sha256 in summary.json (after a test rewrote a shard on purpose)."""
+    summary = json.loads((directory / SUMMARY_NAME).read_text())
+    for split in summary["splits"].values():
+        for shard in split["shards"]:
+            shard["sha256"] = hashlib.sha256((directory / shard["name"]).read_bytes()).hexdigest()
+    (directory / SUMMARY_NAME).write_text(json.dumps(summary, indent=1))
+
+
 @pytest.fixture
 def tiny_shards(tmp_path: Path) -> Path:
     return make_tiny_shards(tmp_path / "shards" / "plain")
+
+
+class _QuietHandler(SimpleHTTPRequestHandler):
+    def log_message(self, format, *args):  # noqa: A002 -- the base class's name
+        pass
+
+
+@pytest.fixture
+def http_root(tmp_path: Path) -> Iterator[tuple[Path, str]]:
+    """(folder, its URL): a plain HTTP server on 127.0.0.1 serving `folder`, like object storage.
+
+    Bounded: it stops at teardown, and by itself after 15 minutes should a
+    test process hang, so no server outlives the tests.
+    """
+    root = tmp_path / "served"
+    root.mkdir()
+    server = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(_QuietHandler, directory=str(root)))
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    watchdog = threading.Timer(900, server.shutdown)
+    watchdog.daemon = True
+    watchdog.start()
+    try:
+        yield root, f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        watchdog.cancel()
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=10)

@@ -10,7 +10,7 @@ import webdataset as wds
 
 from pipeline.errors import CxrError
 from pipeline.shard_format import SUMMARY_NAME, read_summary
-from tests.conftest import make_tiny_shards
+from tests.conftest import make_tiny_shards, reseal
 from train.data import eval_batches, steps_per_epoch, train_batches, train_worker_count
 
 
@@ -72,6 +72,7 @@ def test_rgb_png_is_rejected(tmp_path: Path):
     ok, png = cv2.imencode(".png", np.zeros((64, 64, 3), np.uint8))
     with wds.TarWriter(str(directory / "test-000000.tar"), mtime=0) as sink:
         sink.write({"__key__": "bad", "png": png.tobytes(), "cls": 0, "json": {}})
+    reseal(directory)
     with pytest.raises(CxrError, match="1-channel"):
         list(eval_batches(read_summary(directory), "test", batch_size=2, num_workers=0))
 
@@ -121,8 +122,59 @@ def test_worker_and_step_arithmetic(tiny_shards: Path):
     assert steps_per_epoch(100, 32, 1, 3) == 3
 
 
-def test_truncated_shard_is_a_clear_error(tiny_shards: Path):
+def test_truncated_shard_is_refused_by_its_checksum(tiny_shards: Path):
     shard = tiny_shards / "val-000000.tar"
     shard.write_bytes(shard.read_bytes()[:1000])
+    with pytest.raises(CxrError, match=r"val-000000.tar: sha256 .* differs .* altered or truncated"):
+        list(eval_batches(read_summary(tiny_shards), "val", batch_size=4, num_workers=0))
+
+
+def test_a_corrupt_tar_whose_checksum_matches_is_still_a_clear_error(tiny_shards: Path):
+    shard = tiny_shards / "val-000000.tar"
+    shard.write_bytes(shard.read_bytes()[:1000])
+    reseal(tiny_shards)  # e.g. a shard stage that wrote a broken tar: the summary agrees with it
     with pytest.raises(CxrError, match="cannot read shard data"):
         list(eval_batches(read_summary(tiny_shards), "val", batch_size=4, num_workers=0))
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_one_flipped_byte_refuses_the_shard_before_any_sample_is_used(tiny_shards: Path, workers: int):
+    shard = tiny_shards / "train-000001.tar"
+    data = bytearray(shard.read_bytes())
+    data[700] ^= 0x01  # in the first member's data block: the tar still parses, only the checksum tells
+    shard.write_bytes(bytes(data))
+    summary = read_summary(tiny_shards)
+    with pytest.raises(CxrError, match=r"train-000001.tar: sha256 .* differs"):
+        list(eval_batches(summary, "train", batch_size=4, num_workers=workers))
+    with pytest.raises(CxrError, match=r"train-000001.tar: sha256 .* differs"):
+        _train(summary, num_workers=workers)
+
+
+def test_a_summary_without_shard_checksums_is_refused(tiny_shards: Path):
+    raw = json.loads((tiny_shards / SUMMARY_NAME).read_text())
+    del raw["splits"]["val"]["shards"][0]["sha256"]
+    (tiny_shards / SUMMARY_NAME).write_text(json.dumps(raw))
+    with pytest.raises(CxrError, match="without a sha256"):
+        read_summary(tiny_shards)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_shards_stream_over_http_exactly_as_from_the_folder(http_root, workers: int):
+    root, url = http_root
+    make_tiny_shards(root / "plain")
+    local, remote = read_summary(root / "plain"), read_summary(f"{url}/plain")
+    assert _keys(eval_batches(remote, "test", 4, workers)) == _keys(eval_batches(local, "test", 4, workers))
+    a, b = _train(remote, num_workers=workers), _train(local, num_workers=workers)
+    assert _keys(a) == _keys(b) and all(torch.equal(x["image"], y["image"]) for x, y in zip(a, b))
+
+
+def test_a_tampered_shard_served_over_http_is_refused(http_root):
+    root, url = http_root
+    make_tiny_shards(root / "plain")
+    summary = read_summary(f"{url}/plain")
+    shard = root / "plain" / "train-000000.tar"
+    data = bytearray(shard.read_bytes())
+    data[-2000] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    with pytest.raises(CxrError, match=r"train-000000.tar: sha256 .* differs"):
+        _train(summary, num_workers=2)

@@ -319,3 +319,13 @@ def test_shifted_external_sample_scores_with_patient_intervals(tmp_path, externa
     assert report["n_test"] == 6 and report["intervals"]["n_patients"] == len(patients)
     assert report["at_prevalence"]["prevalence"] == 0.05 and "calibration" in report
     assert (plots / "reliability_test.json").is_file() and not (plots / "reliability_val.json").exists()
+
+
+def test_shards_at_a_url_score_exactly_as_the_folder(tmp_path, http_root):
+    root, url = http_root
+    shards = make_tiny_shards(root / "plain", size=SIZE)
+    ckpt = _checkpoint(tmp_path / "best.pt", "plain", read_summary(shards).preprocess)
+    params = dataclasses.replace(load_params(REPO / "params.yaml").evaluate, bootstrap=50)
+    local, remote = evaluate_shards(ckpt, shards, params, 0, 0), evaluate_shards(ckpt, f"{url}/plain", params, 0, 0)
+    assert remote.test.keys == local.test.keys and np.array_equal(remote.test.probs, local.test.probs)
+    assert remote.report["roc_auc_ci95"] == local.report["roc_auc_ci95"] and remote.report["shards"] == f"{url}/plain"

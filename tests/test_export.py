@@ -162,11 +162,13 @@ def test_missing_or_foreign_onnx_is_a_clear_error(tmp_path):
 
 
 @SLOW
-def test_export_cli_verifies_on_shard_test_images(tmp_path):
-    shards = make_tiny_shards(tmp_path / "shards", per_class={"train": 1, "val": 1, "test": 3}, size=224)
+def test_export_cli_verifies_on_shard_test_images_read_from_a_url(tmp_path, http_root):
+    root, url = http_root
+    make_tiny_shards(root / "equalized", per_class={"train": 1, "val": 1, "test": 3}, size=224)
     ckpt = make_checkpoint(tmp_path / "best.pt", "resnet50")
     out = tmp_path / "model.onnx"
-    args = ["export", "--model", str(ckpt), "--out", str(out), "--verify-shards", str(shards), "--verify-count", "5"]
+    args = ["export", "--model", str(ckpt), "--out", str(out), "--verify-shards", f"{url}/equalized",
+            "--verify-count", "5"]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)  # progress and notes go to stderr

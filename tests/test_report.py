@@ -26,9 +26,9 @@ def _block(p: float, acc: float) -> dict:
     }
 
 
-def _eval(model: str, variant: str, p: float, val_f1: float) -> dict:
+def _eval(model: str, variant: str, p: float, val_f1: float, init: dict | None = None) -> dict:
     return {
-        "model": {"name": model, "variant": variant, "input_size": 224},
+        "model": {"name": model, "variant": variant, "input_size": 224, **({"init": init} if init else {})},
         "n_test": 88,
         "threshold": {"value": 0.41, "rule": "max_f1", "split": "val"},
         **_block(p, p),
@@ -57,7 +57,8 @@ def runs_dir(tmp_path):
     root = tmp_path / "runs"
     _write_run(root, "rn-eq", _eval("resnet50", "equalized", 0.90, 0.80), _latency("resnet50", 40.0))
     _write_run(root, "rn-plain", _eval("resnet50", "plain", 0.80, 0.70), None)
-    _write_run(root, "dn-eq", _eval("densenet121", "equalized", 0.70, 0.60), _latency("densenet121", 30.0))
+    imagenet = {"kind": "imagenet", "weights": "DenseNet121_Weights.IMAGENET1K_V1", "freeze": "backbone"}
+    _write_run(root, "dn-eq", _eval("densenet121", "equalized", 0.70, 0.60, imagenet), _latency("densenet121", 30.0))
     # same pair as rn-eq: better on TEST but worse on validation, so it must not be the one shown
     _write_run(root, "rn-eq-lucky", _eval("resnet50", "equalized", 0.95, 0.50), None)
     return root
@@ -95,6 +96,9 @@ def test_threshold_choice_and_published_rows(runs_dir):
     assert "|  | study | 134.3 | 171.0 | — | — | 12.7 | study Table V |" in t5
     sources = text.split("## Sources")[1]
     assert "`rn-eq`" in sources and "n_test=88" in sources and "Test CPU" in sources
+    dn = next(line for line in sources.splitlines() if "`dn-eq`" in line)
+    assert "init=imagenet (DenseNet121_Weights.IMAGENET1K_V1), backbone frozen" in dn
+    assert "init=—" in next(line for line in sources.splitlines() if "`rn-eq`" in line)  # an eval.json without it
     assert "Loconte" in sources and "Pavlova" in sources
 
 

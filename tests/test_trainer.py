@@ -28,9 +28,9 @@ from train.trainer import train_model
 PER_CLASS = {"train": 8, "val": 4, "test": 2}
 
 
-def _params(**train) -> Params:
+def _params(variant: str = "plain", **train) -> Params:
     raw = load_params(REPO / "params.yaml").to_dict()
-    raw.update(model="resnet50", variant="plain", seed=5)
+    raw.update(model="resnet50", variant=variant, seed=5)
     raw["train"].update(epochs=2, batch_size=4, max_steps=2, num_workers=1, shuffle_buffer=8, lr=None)
     raw["train"].update(train)
     raw["evaluate"].update(batch_size=8)
@@ -210,15 +210,21 @@ def test_sigkill_mid_run_then_rerun_continues_and_matches_an_uninterrupted_run(t
     np.testing.assert_allclose(np.array(_losses(history)), np.array(_losses(reference["history"])), rtol=1e-6)
 
 
+def _torchrun(nproc: int, *args: str) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+            "-m", "pipeline.cli", "train", *args]
+
+
 @pytest.mark.slow
-def test_ddp_two_gloo_processes_finish_with_equal_steps(tmp_path: Path):
-    # 3 training shards over 2 ranks: unequal shards per rank, equal batches per rank
-    shards = make_tiny_shards(tmp_path / "shards" / "plain", per_class={"train": 10, "val": 4, "test": 2},
-                              size=32, shard_count=3)
-    params = _params(epochs=2, max_steps=None)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "pipeline.cli", "train", "--shards", str(shards), "--out", str(tmp_path / "models"),
-           "--live", str(tmp_path / "live"), "--params", str(_write_params(params, tmp_path / "params.yaml"))]
+def test_ddp_two_gloo_processes_stream_url_shards_with_equal_steps(tmp_path: Path, http_root):
+    # 3 training shards over 2 ranks: unequal shards per rank, equal batches per rank;
+    # both ranks read the shards from an HTTP server, as from object storage on two nodes
+    root, url = http_root
+    make_tiny_shards(root / "equalized", per_class={"train": 10, "val": 4, "test": 2}, size=32, shard_count=3,
+                     variant="equalized")
+    params = _params(epochs=2, max_steps=None, variant="equalized")
+    cmd = _torchrun(2, "--shards", f"{url}/equalized", "--out", str(tmp_path / "models"),
+                    "--live", str(tmp_path / "live"), "--params", str(_write_params(params, tmp_path / "params.yaml")))
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     run = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
@@ -227,4 +233,65 @@ def test_ddp_two_gloo_processes_finish_with_equal_steps(tmp_path: Path):
     assert result["world_size"] == 2 and result["steps_per_epoch"] == per_epoch
     assert result["steps_per_rank"] == [2 * per_epoch, 2 * per_epoch]
     assert run.stdout.count('"steps_per_rank"') == 1
+    assert f"on {url}/equalized (equalized)" in run.stdout
     assert load_checkpoint(tmp_path / "models" / "best.pt").meta["params"]["train"]["epochs"] == 2
+
+
+@pytest.mark.slow
+def test_cli_trains_from_url_shards_and_refuses_a_tampered_one(tmp_path: Path, http_root):
+    root, url = http_root
+    local = make_tiny_shards(root / "equalized", per_class=PER_CLASS, size=32, variant="equalized")
+    params_file = _write_params(_params(epochs=1, variant="equalized"), tmp_path / "params.yaml")
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+
+    def train(out: str) -> subprocess.CompletedProcess:
+        cmd = _cli("--shards", f"{url}/equalized", "--out", str(tmp_path / out), "--live", str(tmp_path / "live"),
+                   "--params", str(params_file))
+        return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+
+    run = train("models")
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert load_checkpoint(tmp_path / "models" / "best.pt").meta["epoch"] == 1
+
+    shard = local / "val-000001.tar"
+    shard.write_bytes(shard.read_bytes().replace(b"toy", b"t0y", 1))  # same length, one sample's provenance edited
+    run = train("again")
+    assert run.returncode == 1
+    assert f"{url}/equalized/val-000001.tar: sha256" in run.stderr and "refusing it" in run.stderr
+    assert not (tmp_path / "again" / "best.pt").exists()
+
+
+NODE_DRIVER = """
+import json, os, sys
+from pathlib import Path
+import yaml
+from pipeline.params import params_from_dict
+from train.trainer import train_model
+shards, base, params_file = sys.argv[1:4]
+# each rank writes under its own folder, as two nodes would on their own disks
+out = Path(base) / f"node{os.environ['RANK']}"
+result = train_model(params_from_dict(yaml.safe_load(open(params_file))), shards, out, out / "live", progress=False)
+if result:
+    print(json.dumps({k: result[k] for k in ("resumed_from_epoch", "steps_per_rank", "epochs_run")}))
+"""
+
+
+@pytest.mark.slow
+def test_ranks_without_rank_0s_disk_resume_with_it(tmp_path: Path, http_root):
+    # rank 0's node holds last.pt of a finished run; rank 1's disk is empty. Both must
+    # follow rank 0 (a rank that started afresh would wait forever in its first all-reduce).
+    root, url = http_root
+    make_tiny_shards(root / "plain", per_class=PER_CLASS, size=32)
+    params = _params(epochs=1)
+    first = train_model(params, f"{url}/plain", tmp_path / "node0", tmp_path / "live0", progress=False)
+    assert first["epochs_run"] == 1
+    driver = tmp_path / "node_driver.py"
+    driver.write_text(NODE_DRIVER)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(driver),
+           f"{url}/plain", str(tmp_path), str(_write_params(params, tmp_path / "params.yaml"))]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    run = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    result = json.loads(run.stdout[run.stdout.index("{"):])
+    assert result == {"resumed_from_epoch": 1, "steps_per_rank": [0, 0], "epochs_run": 1}
+    assert not (tmp_path / "node1" / "last.pt").exists()  # one writer

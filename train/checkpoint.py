@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from pipeline.errors import CxrError
-from pipeline.params import MODEL_NAMES, VARIANTS
+from pipeline.params import FREEZE_MODES, INIT_KINDS, MODEL_NAMES, VARIANTS
 from pipeline.shard_format import CLASS_NAMES
 from train.models import ScreeningNet, build_model
 
@@ -80,7 +80,9 @@ def make_meta(
     val_loss: float | None,
     calibration: dict[str, Any] | None = None,
     selection: dict[str, Any] | None = None,
+    init: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
+    """`init`: what training started from (train/pretrained.py's record plus `freeze`)."""
     return {
         "format": FORMAT,
         "model": model,
@@ -96,6 +98,7 @@ def make_meta(
         "calibration": calibration,
         # how best.pt's epoch was chosen, and how sure the validation split can be of it
         "selection": selection,
+        "init": init if init is not None else {"kind": "scratch", "freeze": "none"},
     }
 
 
@@ -170,6 +173,10 @@ def validate_meta(meta: Any, where: str) -> dict[str, Any]:
     # The rest of preprocess is bounds-checked by PreprocessConfig.from_dict wherever images are decoded.
     preprocess = meta.get("preprocess")
     need(isinstance(preprocess, dict) and preprocess.get("size") == size, "preprocess.size must equal input_size")
+    # Absent in checkpoints from before train.init existed: those all started from scratch.
+    init = meta.get("init", {"kind": "scratch", "freeze": "none"})
+    need(isinstance(init, dict) and init.get("kind") in INIT_KINDS and init.get("freeze", "none") in FREEZE_MODES,
+         f"init must be {{kind: one of {list(INIT_KINDS)}, freeze: one of {list(FREEZE_MODES)}}}")  # fmt: skip
     return meta
 
 

@@ -9,6 +9,7 @@ device, which keeps host->device copies and pinned buffers 4x smaller.
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import random
@@ -23,7 +24,7 @@ import webdataset as wds
 from torch.utils.data import DataLoader, get_worker_info
 
 from pipeline.errors import CxrError
-from pipeline.shard_format import ShardSummary
+from pipeline.shard_format import ShardSummary, read_shard
 
 
 def decode_sample(sample: dict[str, Any]) -> dict[str, Any]:
@@ -52,6 +53,24 @@ def decode_sample(sample: dict[str, Any]) -> dict[str, Any]:
 def _shard_error(exn: Exception) -> bool:
     """WebDataset handler: a corrupt or missing shard is a user-facing error, never skipped."""
     raise CxrError(f"cannot read shard data: {exn}") from exn
+
+
+class VerifiedTarSamples:
+    """{"url"} stream -> samples, each shard checked against the summary's sha256 first.
+
+    Stands in for wds.tarfile_to_samples, whose opener streams a file or a
+    `curl` pipe unchecked: here a shard is read whole (local path or any fsspec
+    URL), hashed, and only then expanded, so no sample of an altered shard is used.
+    """
+
+    def __init__(self, sha256: dict[str, str]):
+        self.sha256 = sha256
+
+    def __call__(self, src: Iterator[dict[str, str]]) -> Iterator[dict[str, Any]]:
+        streams = ({"url": item["url"], "stream": io.BytesIO(read_shard(item["url"], self.sha256[item["url"]]))}
+                   for item in src)
+        files = wds.tariterators.tar_file_expander(streams, handler=_shard_error)
+        return wds.tariterators.group_by_keys(files, handler=_shard_error)
 
 
 def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
@@ -159,7 +178,7 @@ def train_batches(
         ShardCycle(summary.shard_paths("train"), seed, epoch),
         SplitByRank(rank, world_size),
         wds.split_by_worker,
-        wds.tarfile_to_samples(handler=_shard_error),
+        VerifiedTarSamples(summary.shard_sha256()),
         WorkerShuffle(shuffle_buffer, seed, epoch, rank),
         wds.map(decode_sample),
         wds.batched(batch_size, collation_fn=collate, partial=False),
@@ -189,12 +208,12 @@ def eval_batches(summary: ShardSummary, split: str, batch_size: int, num_workers
     info = summary.split(split)
     urls = summary.shard_paths(split)
     if not urls:
-        raise CxrError(f"{summary.directory}: split {split!r} has no shards")
+        raise CxrError(f"{summary.location}: split {split!r} has no shards")
     workers = max(0, min(num_workers, len(urls)))
     dataset = wds.DataPipeline(
         wds.SimpleShardList(urls),
         wds.split_by_worker,
-        wds.tarfile_to_samples(handler=_shard_error),
+        VerifiedTarSamples(summary.shard_sha256()),
         wds.map(decode_sample),
         wds.batched(batch_size, collation_fn=collate, partial=True),
     )
@@ -204,4 +223,4 @@ def eval_batches(summary: ShardSummary, split: str, batch_size: int, num_workers
         seen += len(batch["key"])
         yield batch
     if seen != info.count:
-        raise CxrError(f"{summary.directory}: read {seen} {split} samples, the summary says {info.count}")
+        raise CxrError(f"{summary.location}: read {seen} {split} samples, the summary says {info.count}")

@@ -109,6 +109,8 @@ def identity(ckpt: Checkpoint) -> dict[str, Any]:
         "checkpoint_sha256": ckpt.file_sha256(),
         "epoch": ckpt.meta.get("epoch"),
         "input_size": ckpt.input_size,
+        # what training started from (scratch, imagenet or a checkpoint; train/pretrained.py)
+        "init": ckpt.meta.get("init", {"kind": "scratch", "freeze": "none"}),
     }
 
 
@@ -127,26 +129,26 @@ def split_report(pred: Predictions, threshold: float, params: EvaluateParams, se
 def _check_compatible(ckpt: Checkpoint, summary: ShardSummary) -> None:
     if summary.variant != ckpt.variant:
         raise CxrError(
-            f"{summary.directory} holds the {summary.variant!r} variant but the checkpoint was trained on "
+            f"{summary.location} holds the {summary.variant!r} variant but the checkpoint was trained on "
             f"{ckpt.variant!r}: pass --shards shards/{ckpt.variant}"
         )
     if summary.preprocess != ckpt.preprocess:
         raise CxrError(
-            f"{summary.directory} was preprocessed with {summary.preprocess}, the checkpoint with {ckpt.preprocess}: "
+            f"{summary.location} was preprocessed with {summary.preprocess}, the checkpoint with {ckpt.preprocess}: "
             "re-shard or pass the matching --shards"
         )
 
 
 def evaluate_shards(
     checkpoint_path: Path,
-    shards_dir: Path | None,
+    shards_dir: Path | str | None,
     params: EvaluateParams,
     seed: int,
     num_workers: int,
     engine: str = "auto",
     show_progress: bool = False,
 ) -> EvalResult:
-    """Test and validation metrics of a checkpoint on the shards of its own variant.
+    """Test and validation metrics of a checkpoint on the shards of its own variant (a folder or URL).
 
     `engine`: auto (ONNX Runtime when it matches PyTorch, see train/inference.py), onnxruntime or eager.
     """
@@ -175,7 +177,7 @@ def evaluate_shards(
         **test,
         "val": split_report(preds["val"], float(threshold["value"]), params, seed),
         "calibration_model": cal or calibration_mod.IDENTITY,
-        "shards": str(summary.directory),
+        "shards": summary.location,
         # Images shared between label files (ingest's data.leaks): nonzero means test may overlap training.
         "leaks_between_splits": summary.raw.get("leak_count", 0),
         "device": str(runner.device),

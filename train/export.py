@@ -287,7 +287,7 @@ def onnx_probabilities(session: ort.InferenceSession, images: np.ndarray) -> np.
 
 
 def shard_test_images(shard_dir: Path | str, count: int) -> np.ndarray:
-    """The first `count` test-split images of a shard directory, uint8 (N, H, W), in the shards' fixed order."""
+    """The first `count` test-split images of a shard folder or URL, uint8 (N, H, W), in the shards' fixed order."""
     from train.data import eval_batches
 
     if count < 1:

@@ -36,7 +36,8 @@ def make_optimizer(model: nn.Module, lr: float) -> torch.optim.Optimizer:
     fused: one kernel per step instead of foreach's temporaries; on CPU with
     glibc malloc those temporaries cost more than ResNet50's backward pass.
     """
-    return torch.optim.Adam(model.parameters(), lr=lr, weight_decay=0.0, fused=True)
+    trainable = [p for p in model.parameters() if p.requires_grad]  # all but a frozen backbone
+    return torch.optim.Adam(trainable, lr=lr, weight_decay=0.0, fused=True)
 
 
 def to_device_images(images: torch.Tensor, rt: Runtime) -> torch.Tensor:

@@ -100,7 +100,7 @@ def model_figure(model: torch.nn.Module, name: str, shards_dir: Path, keys: Sequ
     """`evaluate`'s Fig. 8: one checkpoint's most confident false negatives and false positives on test."""
     misses = select_misses(keys, labels, probs[None, :], [threshold], captions, per_kind)
     summary = read_summary(shards_dir)
-    images = shard_images(summary.directory, {m.key for m in misses})
+    images = shard_images(summary.location, {m.key for m in misses})
     maps = overlays_for(model, images, device or torch.device("cpu"))
     n_fn = int(((probs < threshold) & (labels == 1)).sum())
     n_fp = int(((probs >= threshold) & (labels == 0)).sum())

@@ -26,6 +26,13 @@ INPUT_MEAN = 0.5
 INPUT_STD = 0.25
 
 
+# The per-channel input normalisation torchvision's ImageNet weights were trained
+# with; InceptionV3's weights (ported from TensorFlow) expect [-1, 1] instead,
+# which torchvision reaches with transform_input=True and we build without.
+IMAGENET_NORM = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+TF_INCEPTION_NORM = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+
+
 @dataclass(frozen=True)
 class ModelSpec:
     name: str
@@ -33,6 +40,10 @@ class ModelSpec:
     default_lr: float  # the study: Adam 1e-4 for the skip-free nets, default 1e-3 otherwise
     network_input: int  # size the backbone sees (InceptionV3 upsamples 224 -> 299 inside forward)
     cam_layer: str  # dotted path, from the backbone, of the Grad-CAM target layer
+    weights: str  # torchvision's ImageNet weights (train.init=imagenet), as torchvision.models.get_weight names them
+    weights_norm: tuple[tuple[float, ...], tuple[float, ...]]  # (mean, std) per RGB channel those weights expect
+    first_conv: str  # dotted path, from the backbone, of the convolution that reads the image
+    heads: tuple[str, ...]  # dotted paths of the final classifier layer(s): replaced on an ImageNet start
 
 
 def _one_channel(conv: nn.Conv2d) -> nn.Conv2d:
@@ -79,11 +90,16 @@ def _inceptionv3() -> nn.Module:
 MODELS: dict[str, ModelSpec] = {
     spec.name: spec
     for spec in (
-        ModelSpec("alexnet", _alexnet, 1e-4, 224, "features.11"),
-        ModelSpec("vgg16", _vgg16, 1e-4, 224, "features.29"),
-        ModelSpec("resnet50", _resnet50, 1e-3, 224, "layer4"),
-        ModelSpec("densenet121", _densenet121, 1e-3, 224, "features.norm5"),
-        ModelSpec("inceptionv3", _inceptionv3, 1e-3, 299, "Mixed_7c"),
+        ModelSpec("alexnet", _alexnet, 1e-4, 224, "features.11", "AlexNet_Weights.IMAGENET1K_V1", IMAGENET_NORM,
+                  "features.0", ("classifier.6",)),
+        ModelSpec("vgg16", _vgg16, 1e-4, 224, "features.29", "VGG16_Weights.IMAGENET1K_V1", IMAGENET_NORM,
+                  "features.0", ("classifier.6",)),
+        ModelSpec("resnet50", _resnet50, 1e-3, 224, "layer4", "ResNet50_Weights.IMAGENET1K_V2", IMAGENET_NORM,
+                  "conv1", ("fc",)),
+        ModelSpec("densenet121", _densenet121, 1e-3, 224, "features.norm5", "DenseNet121_Weights.IMAGENET1K_V1",
+                  IMAGENET_NORM, "features.conv0", ("classifier",)),
+        ModelSpec("inceptionv3", _inceptionv3, 1e-3, 299, "Mixed_7c", "Inception_V3_Weights.IMAGENET1K_V1",
+                  TF_INCEPTION_NORM, "Conv2d_1a_3x3.conv", ("fc", "AuxLogits.fc")),
     )
 }
 
@@ -107,6 +123,7 @@ class ScreeningNet(nn.Module):
         self.name = name
         self.network_input = network_input
         self.backbone = backbone
+        self.frozen_backbone = False  # see freeze_backbone()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         x = (x - INPUT_MEAN) / INPUT_STD
@@ -120,6 +137,30 @@ class ScreeningNet(nn.Module):
 
     def cam_layer(self) -> nn.Module:
         return self.backbone.get_submodule(model_spec(self.name).cam_layer)
+
+    def head_parameter_names(self) -> set[str]:
+        """state_dict names of the final classifier layer(s), e.g. {'backbone.fc.weight', 'backbone.fc.bias'}."""
+        return {f"backbone.{head}.{name}" for head in model_spec(self.name).heads
+                for name, _ in self.backbone.get_submodule(head).named_parameters()}
+
+    def freeze_backbone(self) -> None:
+        """Train the final classifier layer(s) only: a linear probe on fixed features.
+
+        The frozen part also stays in eval mode (see train()), so BatchNorm keeps
+        the statistics it came with and dropout before the head is off.
+        """
+        heads = self.head_parameter_names()
+        for name, param in self.named_parameters():
+            param.requires_grad_(name in heads)
+        self.frozen_backbone = True
+
+    def train(self, mode: bool = True) -> "ScreeningNet":
+        super().train(mode)
+        if mode and self.frozen_backbone:
+            self.backbone.eval()
+            for head in model_spec(self.name).heads:
+                self.backbone.get_submodule(head).train()
+        return self
 
 
 def build_model(name: str) -> ScreeningNet:

@@ -179,6 +179,7 @@ def _sources(tags: _Tags, published: dict[str, Any]) -> str:
         ev, lat = run.eval, run.latency
         bits = [f"{run.model}/{run.variant}"]
         if ev:
+            bits.append(f"init={_init_text(get(ev, 'model.init'))}")
             bits.append(f"n_test={_or_missing(get(ev, 'n_test'))}")
             threshold = f"{_fmt(get(ev, 'threshold.value'))} ({_or_missing(get(ev, 'threshold.rule'))})"
             bits.append(f"operating threshold={threshold}")
@@ -189,6 +190,15 @@ def _sources(tags: _Tags, published: dict[str, Any]) -> str:
     lines.append(f"- **study Table N**: {published['study']['source']}.")
     lines.append(f"- **COVID-Net CXR-2 paper**: {published['covid_net_cxr2']['source']}.\n")
     return "\n".join(lines)
+
+
+def _init_text(init: dict[str, Any] | None) -> str:
+    """'scratch', 'imagenet (ResNet50_Weights.IMAGENET1K_V2)', 'checkpoint 1a2b3c4d5e6f, backbone frozen'."""
+    if not init:
+        return MISSING
+    text = {"imagenet": f"imagenet ({init.get('weights')})",
+            "checkpoint": f"checkpoint {str(init.get('sha256'))[:12]}"}.get(init.get("kind"), str(init.get("kind")))
+    return text + (", backbone frozen" if init.get("freeze") == "backbone" else "")
 
 
 def _or_missing(value: Any) -> str:

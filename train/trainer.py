@@ -30,6 +30,7 @@ from torch.nn.parallel import DistributedDataParallel
 from pipeline.errors import CxrError
 from pipeline.params import Params
 from pipeline.shard_format import ShardSummary, read_summary
+from train import pretrained
 from train.checkpoint import detached_state_dict, load_checkpoint, make_meta, save_checkpoint
 from train.data import derive_seed, steps_per_epoch, train_batches
 from train.loop import make_optimizer, train_one_epoch, validate
@@ -42,15 +43,15 @@ BEST_NAME = "best.pt"
 LAST_NAME = "last.pt"
 
 
-def run_fingerprint(params: Params, summary: ShardSummary) -> str:
-    """What makes a run resumable: the training params and the data.
+def run_fingerprint(params: Params, summary: ShardSummary, init: dict[str, Any]) -> str:
+    """What makes a run resumable: the training params, the data and the starting weights' file.
 
     evaluate.* is left out on purpose: it only shapes the threshold chosen
     after training, so changing it reuses a finished run instead of retraining.
     """
     p = params.to_dict()
     payload = {"seed": p["seed"], "model": p["model"], "variant": p["variant"], "train": p["train"],
-               "data": summary.raw}
+               "data": summary.raw, "init": init}
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
 
 
@@ -88,7 +89,7 @@ def _resume_state(last: Path, fingerprint: str, rt: Runtime) -> tuple[dict[str, 
     return dict(ckpt.extra), ckpt.state_dict
 
 
-def _meta(params: Params, summary: ShardSummary, threshold: dict, epoch: int, val_loss: float | None,
+def _meta(params: Params, summary: ShardSummary, init: dict, threshold: dict, epoch: int, val_loss: float | None,
           calibration: dict | None = None, chosen: dict | None = None) -> dict:  # fmt: skip
     return make_meta(
         model=params.model,
@@ -101,6 +102,7 @@ def _meta(params: Params, summary: ShardSummary, threshold: dict, epoch: int, va
         val_loss=val_loss,
         calibration=calibration,
         selection=chosen,
+        init={**init, "freeze": params.train.freeze},
     )
 
 
@@ -129,8 +131,8 @@ def _log_epoch(live, record: dict[str, float]) -> None:
     live.next_step()
 
 
-def train_model(params: Params, shard_dir: Path, out_dir: Path, live_dir: Path, *, progress: bool = True) -> dict:
-    """Train params.model on the shards in shard_dir; write OUT/best.pt and OUT/last.pt.
+def train_model(params: Params, shard_dir: Path | str, out_dir: Path, live_dir: Path, *, progress: bool = True) -> dict:
+    """Train params.model on the shards at shard_dir (a folder or URL); write OUT/best.pt and OUT/last.pt.
 
     Works alone or under torchrun (DDP). Returns a summary (rank 0's view).
     """
@@ -147,8 +149,20 @@ def train_model(params: Params, shard_dir: Path, out_dir: Path, live_dir: Path, 
 
 def _train(params: Params, summary: ShardSummary, out_dir: Path, live_dir: Path, rt: Runtime, progress: bool) -> dict:
     tp = params.train
-    fingerprint = run_fingerprint(params, summary)
-    state, weights = _resume_state(out_dir / LAST_NAME, fingerprint, rt)
+    init = pretrained.resolve(tp.init, params.model, summary)
+    init_record = init.record
+    own_outputs = {(out_dir / name).resolve() for name in (BEST_NAME, LAST_NAME)}
+    if init_record["kind"] == "checkpoint" and Path(init_record["file"]).resolve() in own_outputs:
+        raise CxrError(f"train.init={tp.init} is an output of this very run, which replaces it: "
+                       f"copy it elsewhere first (e.g. {out_dir / 'start.pt'})")
+    fingerprint = run_fingerprint(params, summary, init_record)
+    # One writer: only rank 0 writes OUT, so only its last.pt is sure to exist (other
+    # nodes' OUT is another disk); every rank resumes from what rank 0 read.
+    state, weights = _resume_state(out_dir / LAST_NAME, fingerprint, rt) if rt.is_main else (None, None)
+    if rt.distributed:
+        shared = [state, weights]
+        dist.broadcast_object_list(shared, src=0)
+        state, weights = shared
     resumed_from = state["epoch"]
     if rt.is_main:
         # best.pt is only written once training ends; one present now belongs to
@@ -159,6 +173,10 @@ def _train(params: Params, summary: ShardSummary, out_dir: Path, live_dir: Path,
     net = build_model(params.model)
     if weights is not None:
         net.load_state_dict(weights)
+        pretrained.set_freeze(net, tp.freeze)
+    else:
+        init.apply(net, tp.freeze)
+    del init  # its weights are in the net now; VGG16's would hold another 0.5 GB
     net = net.to(rt.device, memory_format=torch.channels_last if rt.channels_last else torch.preserve_format)
     lr = tp.lr if tp.lr is not None else model_spec(params.model).default_lr
     optimizer = make_optimizer(net, lr)
@@ -174,8 +192,8 @@ def _train(params: Params, summary: ShardSummary, out_dir: Path, live_dir: Path,
     steps = steps_per_epoch(summary.split("train").count, tp.batch_size, rt.world_size, tp.max_steps)
     live = _open_live(live_dir, state["history"]) if rt.is_main else None
     if rt.is_main:
-        print(f"[train] {params.model} on {summary.directory} ({summary.variant}); {rt.describe()}; "
-              f"{steps} steps/epoch, lr {lr:g}", flush=True)
+        print(f"[train] {params.model} on {summary.location} ({summary.variant}); {rt.describe()}; "
+              f"{steps} steps/epoch, lr {lr:g}; init {_describe_init(init_record, tp.freeze)}", flush=True)
     steps_done = 0
     rates: list[float] = []
     while not state["finished"]:
@@ -216,7 +234,7 @@ def _train(params: Params, summary: ShardSummary, out_dir: Path, live_dir: Path,
         state.update(epoch=epoch + 1, optimizer=optimizer.state_dict(), history=state["history"] + [record],
                      finished=early or epoch + 1 >= tp.epochs, early_stopped=early)
         if rt.is_main:
-            save_checkpoint(out_dir / LAST_NAME, _meta(params, summary, {}, epoch + 1, val_loss),
+            save_checkpoint(out_dir / LAST_NAME, _meta(params, summary, init_record, {}, epoch + 1, val_loss),
                             detached_state_dict(net), state)
             _log_epoch(live, record)
             print(f"[train] epoch {epoch + 1}: train_loss {stats.loss:.4f} val_loss {val_loss:.4f} "
@@ -230,16 +248,25 @@ def _train(params: Params, summary: ShardSummary, out_dir: Path, live_dir: Path,
         dist.all_gather_object(steps_per_rank, steps_done)
     result: dict[str, Any] = {}
     if rt.is_main:
-        result = _finish(params, summary, out_dir, rt, net, state, class_weights)
+        result = _finish(params, summary, init_record, out_dir, rt, net, state, class_weights)
         live.end()
         result.update(resumed_from_epoch=resumed_from, steps_per_epoch=steps, steps_per_rank=steps_per_rank,
-                      world_size=rt.world_size, runtime=rt.describe(),
+                      world_size=rt.world_size, runtime=rt.describe(), init={**init_record, "freeze": tp.freeze},
                       images_per_s=(sum(rates) / len(rates)) if rates else None)
     barrier(rt)
     return result
 
 
-def _finish(params, summary, out_dir, rt, net, state, class_weights) -> dict[str, Any]:
+def _describe_init(record: dict[str, Any], freeze: str) -> str:
+    kind = record["kind"]
+    text = {"scratch": "scratch", "imagenet": f"imagenet ({record.get('weights')}, {record.get('file')})",
+            "checkpoint": f"checkpoint {record.get('file')} (sha256 {str(record.get('sha256'))[:12]})"}[kind]
+    if kind == "imagenet" and not record.get("published_file"):
+        text += " -- NOTE: this file does not hash to the name torchvision published it under"
+    return text + (", backbone frozen" if freeze == "backbone" else "")
+
+
+def _finish(params, summary, init, out_dir, rt, net, state, class_weights) -> dict[str, Any]:
     """Best weights -> validation probabilities (fp32 forward) -> calibration -> threshold -> best.pt."""
     if state["best_state"] is None:
         raise CxrError("training ended without a single validated epoch")
@@ -253,7 +280,7 @@ def _finish(params, summary, out_dir, rt, net, state, class_weights) -> dict[str
     chosen = selection.selection_report(params.train.select, state["best_epoch"], val.labels, val.probs,
                                         val.patients, class_weights.tolist(), params.evaluate.bootstrap,
                                         params.seed)  # fmt: skip
-    meta = _meta(params, summary, threshold, state["best_epoch"], state["best_val_loss"], cal, chosen)
+    meta = _meta(params, summary, init, threshold, state["best_epoch"], state["best_val_loss"], cal, chosen)
     save_checkpoint(out_dir / BEST_NAME, meta, state["best_state"], extra={})
     return {
         "epochs_run": state["epoch"],
