@@ -13,8 +13,10 @@ import pytest
 
 from pipeline.errors import CxrError
 from tests.conftest import REPO
-from tests.test_predict import BAD, GOOD, inputs, checkpoint, read_rows, run  # noqa: F401 -- fixtures
+from tests.test_predict import BAD, GOOD, PLATT, inputs, checkpoint, read_rows, run  # noqa: F401 -- fixtures
 from train import Screener
+from train.calibration import PROB_COLUMN
+from train.calibration import apply as calibrate
 from train.export import export_onnx
 
 
@@ -54,9 +56,25 @@ def test_the_readme_example_runs_and_matches_cxr_predict(workspace: Path):
         if row["error"]:
             assert (probability, decision, rest) == ("None", "None", row["error"])
         else:
-            assert abs(float(probability) - float(row["probability"])) <= 1e-6
+            assert abs(float(probability) - float(row[PROB_COLUMN])) <= 1e-6
             assert decision == row["decision"] and rest == "(224, 224)"
     assert {row["decision"] for row in rows.values() if not row["error"]} == {"positive", "negative"}
+
+
+def test_the_screener_runs_predicts_engine_and_calibration(workspace: Path):
+    """Same engine choice as `cxr predict` (auto: ONNX Runtime once it matches PyTorch), then the
+    checkpoint's Platt calibration, which the fixture makes far from the identity."""
+    screener = Screener("models/best.pt")
+    results = [r for r in screener.predict("scans/") if not r.error]
+    assert run("scans/", "--model", "models/best.pt", "--out", "cli.csv").exit_code == 2
+    rows = read_rows(workspace / "cli.csv")
+    assert screener.engine == rows[results[0].path]["engine"] == "onnxruntime-cpu"
+    assert screener.calibration == PLATT
+    raw = np.array([r.uncalibrated for r in results])
+    assert np.allclose([r.probability for r in results], calibrate(raw, PLATT), rtol=0, atol=1e-12)
+    assert np.abs(calibrate(raw, PLATT) - raw).max() > 1e-3  # calibration really moves the numbers
+    eager = {r.path: r for r in Screener("models/best.pt", engine="eager").predict("scans/") if not r.error}
+    assert eager[results[0].path].probability == pytest.approx(results[0].probability, abs=1e-4)
 
 
 def test_arrays_score_like_the_files_they_were_read_from(workspace: Path):
@@ -82,7 +100,7 @@ def test_an_onnx_screener_matches_cxr_predict_onnx_and_explains_only_with_its_we
     assert run("scans/", "--onnx", "models/model.onnx", "--out", "cli.csv").exit_code == 2
     for path, row in read_rows(workspace / "cli.csv").items():
         if not row["error"]:
-            assert abs(got[path].probability - float(row["probability"])) <= 1e-6
+            assert abs(got[path].probability - float(row[PROB_COLUMN])) <= 1e-6
     with pytest.raises(CxrError, match="heatmaps need the PyTorch weights"):
         screener.predict("scans/a.png", heatmaps=True)
     explained = Screener("models/model.onnx", checkpoint="models/best.pt").predict("scans/a.png", heatmaps=True)

@@ -91,3 +91,18 @@ def test_missing_and_foreign_files_raise(tmp_path: Path):
     (tmp_path / "garbage.pt").write_bytes(b"not a zip")
     with pytest.raises(CxrError, match="cannot load"):
         load_checkpoint(tmp_path / "garbage.pt")
+
+
+def test_init_in_meta_is_recorded_defaulted_and_checked(tmp_path: Path):
+    from train.checkpoint import validate_meta
+
+    assert _meta()["init"] == {"kind": "scratch", "freeze": "none"}
+    record = {"kind": "imagenet", "weights": "ResNet50_Weights.IMAGENET1K_V2", "freeze": "backbone"}
+    assert validate_meta(_meta(init=record), "m")["init"] == record
+    older = {k: v for k, v in _meta().items() if k != "init"}  # before train.init existed: scratch
+    assert validate_meta(older, "old.pt") is older
+    for bad in ({"kind": "download"}, {"kind": "imagenet", "freeze": "all"}, "imagenet"):
+        meta = dict(_meta(), init=bad)
+        torch.save({"meta": meta, "state_dict": {}, "extra": {}}, tmp_path / "bad.pt")
+        with pytest.raises(CxrError, match=r"bad.pt: invalid model meta: init must be \{kind: one of"):
+            load_checkpoint(tmp_path / "bad.pt")

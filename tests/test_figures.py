@@ -85,3 +85,20 @@ def test_training_curves_from_dvclive_files(tmp_path):
 def test_training_curves_without_a_training_run_say_what_to_run(tmp_path):
     with pytest.raises(CxrError, match="run the train stage first"):
         training_curves(tmp_path / "nothing", tmp_path / CURVES_NAME)
+
+
+def test_shard_images_read_from_a_url_equal_the_folder_and_a_changed_shard_is_refused(http_root):
+    from pipeline.figures import shard_images
+    from pipeline.shard_format import read_summary
+    from tests.conftest import make_tiny_shards
+
+    root, url = http_root
+    make_tiny_shards(root / "plain")
+    keys = {"train_000000", "val_000001", "test_000003"}
+    local, remote = shard_images(root / "plain", keys), shard_images(f"{url}/plain", keys)
+    assert set(local) == set(remote) == keys
+    assert all(np.array_equal(local[k], remote[k]) for k in keys)
+    shard = read_summary(root / "plain").shard_paths("test")[-1]
+    Path(shard).write_bytes(Path(shard).read_bytes()[:-1024])
+    with pytest.raises(CxrError, match="differs from the summary's"):
+        shard_images(f"{url}/plain", {"test_999999"})

@@ -54,3 +54,21 @@ def test_missing_summary_and_missing_backend_are_one_line_errors(http_root, tmp_
     except ImportError:
         with pytest.raises(CxrError, match="cannot read s3://bucket/plain/summary.json: Install s3fs"):
             read_summary("s3://bucket/plain")
+
+
+def test_verify_checks_shards_at_a_url_and_names_the_changed_one(http_root):
+    from typer.testing import CliRunner
+
+    from pipeline.cli import app
+
+    root, url = http_root
+    make_tiny_shards(root / "plain")
+    ok = CliRunner().invoke(app, ["verify", f"{url}/plain"])
+    assert ok.exit_code == 0 and '"shards": 6' in ok.output, ok.output
+    with open(root / "plain" / "val-000001.tar", "r+b") as fh:
+        fh.seek(600)
+        fh.write(b"X")
+    (root / "plain" / "test-000000.tar").unlink()
+    bad = CliRunner().invoke(app, ["verify", f"{url}/plain"])
+    assert bad.exit_code == 1 and "2 of 6 shard(s) do not match" in bad.output
+    assert "val-000001.tar" in bad.output and "test-000000.tar (missing)" in bad.output
