@@ -187,7 +187,7 @@ def _check_summary(raw: Any, path: str) -> dict[str, SplitInfo]:
 
 
 def verify_shards(location: Path | str) -> dict[str, Any]:
-    """Check every shard of a variant (folder or URL) against the sha256 in its summary; CxrError naming the bad ones."""
+    """Check every shard of a variant (folder or URL) against the sha256 in its summary; CxrError names the bad."""
     summary = read_summary(location)
     bad, checked = [], 0
     for split in summary.splits:

@@ -259,3 +259,19 @@ def test_spread_over_seeds_is_mean_and_sample_sd(tmp_path):
     # mean 0.7, sample SD of (0.6, 0.7, 0.8) = 0.1; external 0.6 ± 0.1; sensitivity 1.0 in every run
     assert "| 0.700 ± 0.100 | 1.000 ± 0.000 |" in row and "| 0.600 ± 0.100 |" in row
     assert "resnet50/plain" not in section and "shifted: ROC AUC" in section
+
+
+def test_spread_never_pools_runs_from_different_starting_weights(tmp_path):
+    root = tmp_path / "runs"
+    imagenet = {"kind": "imagenet", "weights": "DenseNet121_Weights.IMAGENET1K_V1", "freeze": "none"}
+    scratch = {"kind": "scratch", "freeze": "none"}
+    for name, auc, init in (("s0", 0.6, scratch), ("s1", 0.7, None), ("i0", 0.9, imagenet), ("i1", 0.8, imagenet)):
+        _write_run(root, name, {**_eval("densenet121", "equalized", 0.7, 0.6, init), **_honest(auc, 0.8)}, None)
+    text = rep.render(run_sources.runs_from_dir(root), rep.load_published())
+    rows = [line for line in text[text.index("### Spread over runs") : text.index("## Sources")].splitlines()
+            if line.startswith("| densenet121/equalized")]  # fmt: skip
+    assert len(rows) == 2
+    # an eval.json without model.init (s1) is a scratch run: pooled with s0, never with the ImageNet starts
+    scratch_row = next(r for r in rows if r.startswith("| densenet121/equalized |"))
+    imagenet_row = next(r for r in rows if "init imagenet (DenseNet121_Weights.IMAGENET1K_V1)" in r)
+    assert "| 0.650 ± 0.071 |" in scratch_row and "| 0.850 ± 0.071 |" in imagenet_row

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.errors import CxrError
-from train.report_validity import spread_section, validity_section
+from train.report_validity import init_text, spread_section, validity_section
 from train.runs import Run, best_by_pair, get
 
 MODEL_ORDER = ("alexnet", "vgg16", "resnet50", "densenet121", "inceptionv3")
@@ -179,7 +179,7 @@ def _sources(tags: _Tags, published: dict[str, Any]) -> str:
         ev, lat = run.eval, run.latency
         bits = [f"{run.model}/{run.variant}"]
         if ev:
-            bits.append(f"init={_init_text(get(ev, 'model.init'))}")
+            bits.append(f"init={init_text(get(ev, 'model.init'))}")
             bits.append(f"n_test={_or_missing(get(ev, 'n_test'))}")
             threshold = f"{_fmt(get(ev, 'threshold.value'))} ({_or_missing(get(ev, 'threshold.rule'))})"
             bits.append(f"operating threshold={threshold}")
@@ -190,15 +190,6 @@ def _sources(tags: _Tags, published: dict[str, Any]) -> str:
     lines.append(f"- **study Table N**: {published['study']['source']}.")
     lines.append(f"- **COVID-Net CXR-2 paper**: {published['covid_net_cxr2']['source']}.\n")
     return "\n".join(lines)
-
-
-def _init_text(init: dict[str, Any] | None) -> str:
-    """'scratch', 'imagenet (ResNet50_Weights.IMAGENET1K_V2)', 'checkpoint 1a2b3c4d5e6f, backbone frozen'."""
-    if not init:
-        return MISSING
-    text = {"imagenet": f"imagenet ({init.get('weights')})",
-            "checkpoint": f"checkpoint {str(init.get('sha256'))[:12]}"}.get(init.get("kind"), str(init.get("kind")))
-    return text + (", backbone frozen" if init.get("freeze") == "backbone" else "")
 
 
 def _or_missing(value: Any) -> str:

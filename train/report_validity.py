@@ -103,13 +103,25 @@ def _spread(values: list[float]) -> str:
     return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
 
 
+def init_text(init: dict[str, Any] | None) -> str:
+    """'scratch', 'imagenet (ResNet50_Weights.IMAGENET1K_V2)', 'checkpoint 1a2b3c4d5e6f, backbone frozen'."""
+    if not init:
+        return MISSING
+    text = {"imagenet": f"imagenet ({init.get('weights')})",
+            "checkpoint": f"checkpoint {str(init.get('sha256'))[:12]}"}.get(init.get("kind"), str(init.get("kind")))
+    return text + (", backbone frozen" if init.get("freeze") == "backbone" else "")
+
+
 def spread_section(runs: list[Run], tag: Callable[[Run], str]) -> str:
-    """Mean ± sample SD over every run of a (model, variant), e.g. several seeds: the noise a reader
-    should weigh a single number against. External sets get the same columns (ROC AUC, sensitivity)."""
-    groups: dict[tuple[str, str], list[Run]] = {}
+    """Mean ± sample SD over every run of a (model, variant, init), e.g. several seeds: the noise a reader
+    should weigh a single number against. External sets get the same columns (ROC AUC, sensitivity).
+    Runs from different starting weights (train.init) are never pooled; an eval.json without `model.init`
+    comes from before train.init existed, when every run started from scratch."""
+    groups: dict[tuple[str, str, str], list[Run]] = {}
     for run in runs:
         if run.eval and run.model and run.variant:
-            groups.setdefault((run.model, run.variant), []).append(run)
+            start = init_text(get(run.eval, "model.init") or {"kind": "scratch"})
+            groups.setdefault((run.model, run.variant, start), []).append(run)
     groups = {k: v for k, v in groups.items() if len(v) > 1}
     if not groups:
         return ""
@@ -117,8 +129,9 @@ def spread_section(runs: list[Run], tag: Callable[[Run], str]) -> str:
     header = ["model/variant", "runs"] + [h for h, _ in SPREAD_METRICS]
     header += [f"{n}: {h}" for n in names for h in ("ROC AUC", "sensitivity")]
     rows = []
-    for (model, variant), rs in sorted(groups.items()):
-        row = [f"{model}/{variant}", ", ".join(tag(r) for r in rs)]
+    for (model, variant, start), rs in sorted(groups.items()):
+        name = f"{model}/{variant}" + ("" if start == "scratch" else f", init {start}")
+        row = [name, ", ".join(tag(r) for r in rs)]
         for _, key in SPREAD_METRICS:
             row.append(_spread([v for r in rs if (v := get(r.eval, key)) is not None]))
         for n in names:
@@ -126,6 +139,7 @@ def spread_section(runs: list[Run], tag: Callable[[Run], str]) -> str:
                 row.append(_spread([v for r in rs if (v := get(r.external.get(n), key)) is not None]))
         rows.append(row)
     return (
-        "### Spread over runs (e.g. seeds)\n\nMean ± sample standard deviation over all runs of a model and "
-        "variant; each run also differs in whatever else its parameters changed.\n\n" + _table(header, rows) + "\n"
+        "### Spread over runs (e.g. seeds)\n\nMean ± sample standard deviation over all runs of a model, "
+        "variant and starting weights (train.init); each run also differs in whatever else its parameters "
+        "changed.\n\n" + _table(header, rows) + "\n"
     )
