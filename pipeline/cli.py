@@ -182,11 +182,12 @@ def shard(
     Writes: OUT/{train,val,test}-NNNNNN.tar and OUT/summary.json (counts, shard list,
     params, rejects with reasons).
     """
+    from pipeline.names import VARIANTS
     from pipeline.shards import write_variant
 
     p = _params(params)
-    if variant is not None and variant not in ("plain", "equalized"):
-        raise CxrError(f"unknown variant {variant!r}; valid: plain, equalized")
+    if variant is not None and variant not in VARIANTS:
+        raise CxrError(f"unknown variant {variant!r}; valid: {', '.join(VARIANTS)}")
     variant = variant or ("equalized" if equalize else "plain")
     summary = write_variant(
         manifest_path=manifest,
@@ -420,7 +421,7 @@ def evaluate(
         items, rejects = external_test_items(root)
         result = evaluate_external(
             model, items, rejects, p.evaluate, p.seed, p.data.max_reject_fraction, p.train.num_workers, str(root),
-            engine=engine, show_progress=True,
+            engine=engine, show_progress=True, rejects_path=out.with_name(f"{out.stem}_rejects.json"),
         )
     write_outputs(result, out, predictions, plots)
     if figures is not None:
@@ -463,13 +464,13 @@ def latency(
     Reads: the checkpoint and params (latency.*). Writes: OUT. Run it alone: other load
     on the machine shows up in the numbers (the load average is recorded).
     """
-    from train.evaluate import write_json
+    from pipeline.fileio import atomic_write_json
     from train.latency import latency_for_checkpoint
 
     p = _params(params)
     chosen = tuple(s.strip() for s in paths.split(",") if s.strip())
     report = latency_for_checkpoint(model, p.latency, chosen, show_progress=True)
-    write_json(out, report)
+    atomic_write_json(out, report, indent=1)
     keys = ("model", "params_m", "cpu_ms_per_image", "cpu_fastest_path", "cpu_fastest_ms_per_image", "floor_ms",
             "cpu_fastest_ratio_to_floor", "gpu_ms_per_image")  # fmt: skip
     _echo_json({k: report.get(k) for k in keys})
@@ -608,18 +609,9 @@ def predict(
     Writes: OUT (one row per input; unreadable inputs get a row with the error) and,
     with --heatmaps, one overlay PNG per image. Exit code 2 when any input failed.
     """
-    import torch
-
     from train.predict import predict as run_predict
+    from train.runtime import pick_device
 
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        torch_device = torch.device(device)
-    except RuntimeError as exc:
-        raise CxrError(f"invalid --device {device!r}: {exc}") from None
-    if torch_device.type == "cuda" and not torch.cuda.is_available():
-        raise CxrError(f"--device {device} asked for, but CUDA is not available here")
     summary = run_predict(
         inputs,
         checkpoint=model,
@@ -628,7 +620,7 @@ def predict(
         heatmaps_dir=heatmaps,
         batch_size=batch_size,
         workers=workers,
-        device=torch_device,
+        device=pick_device(device),
         engine=engine,
         progress=progress,
     )

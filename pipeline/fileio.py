@@ -10,13 +10,15 @@ single call that combines them, and the popular wrappers (atomicwrites) are unma
 from __future__ import annotations
 
 import contextlib
+import csv
 import errno
 import fcntl
 import hashlib
+import io
 import json
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import IO, Any
 
@@ -88,6 +90,13 @@ def atomic_write_json(path: Path | str, obj: Any, *, indent: int | None = 2) -> 
     """JSON with sorted keys and a final newline, so reruns give identical bytes."""
     text = json.dumps(obj, indent=indent, sort_keys=True, allow_nan=False)
     atomic_write_text(path, text + "\n")
+
+
+def atomic_write_csv(path: Path | str, rows: Iterable[Sequence[Any]]) -> None:
+    """Rows in the csv module's default dialect (\\r\\n line ends, as `open(newline="")` writes them)."""
+    buffer = io.StringIO(newline="")
+    csv.writer(buffer).writerows(rows)
+    atomic_write_text(path, buffer.getvalue())
 
 
 def sha256_file(path: Path | str) -> str:

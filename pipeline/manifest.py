@@ -31,6 +31,7 @@ from pipeline.errors import CxrError
 from pipeline.fileio import atomic_write_text
 from pipeline.imageio import Header, ImageRejected
 from pipeline.labels import LabelLine, open_inside, parse_label_file
+from pipeline.rejects import check_reject_fraction
 from pipeline.shard_format import CLASS_NAMES, SPLITS
 
 LEAK_POLICIES = ("report", "drop", "fail")
@@ -254,7 +255,6 @@ def build_manifest(
                                          height=h.header.height if h.header else None,
                                          format=h.header.format if h.header else None))  # fmt: skip
 
-    reject_fraction = len(rejects) / max(total_lines, 1)
     counts = {
         split: dict(Counter(CLASS_NAMES[e.label] for e in entries if e.split == split)) for split in SPLITS
     }
@@ -268,14 +268,8 @@ def build_manifest(
     }
     if len(entries) + len(rejects) != total_lines:  # the no-silent-drop invariant
         raise CxrError(f"accounting error: {len(entries)} accepted + {len(rejects)} rejected != {total_lines} lines")
-    if reject_fraction > max_reject_fraction:
-        message = (
-            f"{len(rejects)} of {total_lines} label lines rejected ({reject_fraction:.1%} > "
-            f"{max_reject_fraction:.0%}): is {root} the right dataset root? First reasons: "
-            + "; ".join(r["reason"] for r in rejects[:3])
-        )
-        _write_failed(report_path, report, rejects, message)
-        raise CxrError(message + f" (all rejects in {report_path})")
+    check_reject_fraction(rejects, total_lines, max_reject_fraction, "label lines", root,
+                          lambda message: _write_failed(report_path, report, rejects, message))  # fmt: skip
     atomic_write_text(manifest_path, "".join(json.dumps(asdict(e), sort_keys=True) + "\n" for e in entries))
     atomic_write_text(report_path, json.dumps(report | _rejects(rejects), indent=1, sort_keys=True) + "\n")
     return {k: report[k] for k in ("root", "lines", "accepted", "counts", "val_source", "leak_count")} | {
@@ -288,10 +282,11 @@ def _rejects(rejects: list[dict[str, Any]]) -> dict[str, Any]:
     return {"reject_count": len(rejects), "rejects": rejects}
 
 
-def _write_failed(report_path: Path, report: dict[str, Any], rejects: list[dict[str, Any]], message: str) -> None:
+def _write_failed(report_path: Path, report: dict[str, Any], rejects: list[dict[str, Any]], message: str) -> Path:
     """The evidence of a failed run: the full rejects list, so the user can fix the data, not guess."""
     failed = report | _rejects(rejects) | {"failed": message}
     atomic_write_text(report_path, json.dumps(failed, indent=1, sort_keys=True) + "\n")
+    return report_path
 
 
 

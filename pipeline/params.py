@@ -18,12 +18,15 @@ from typing import Any, Literal, get_args, get_origin
 import yaml
 
 from pipeline.errors import CxrError
+from pipeline.names import EQUALIZE_METHODS, FREEZE_MODES, MODEL_NAMES, THRESHOLD_RULES, VARIANTS
 
-MODEL_NAMES = ("alexnet", "vgg16", "resnet50", "densenet121", "inceptionv3")
-VARIANTS = ("plain", "equalized")
-INIT_KINDS = ("scratch", "imagenet", "checkpoint")  # what a checkpoint's meta records as train.init's kind
-FREEZE_MODES = ("none", "backbone")
 _NAME = re.compile(r"[A-Za-z0-9_-]+")
+# Literal[tuple] is Literal[*tuple]: the checks below come from the one list of names.
+ModelName = Literal[MODEL_NAMES]  # type: ignore[valid-type]
+Variant = Literal[VARIANTS]  # type: ignore[valid-type]
+EqualizeMethod = Literal[EQUALIZE_METHODS]  # type: ignore[valid-type]
+ThresholdRule = Literal[THRESHOLD_RULES]  # type: ignore[valid-type]
+FreezeMode = Literal[FREEZE_MODES]  # type: ignore[valid-type]
 
 
 @dataclass(frozen=True)
@@ -45,7 +48,7 @@ class SampleParams:
 class PreprocessParams:
     top_crop: float
     size: int
-    equalize: Literal["global", "clahe"]
+    equalize: EqualizeMethod
     clahe_clip: float
     reduced_decode: bool
     max_pixels: int
@@ -81,12 +84,12 @@ class TrainParams:
     select: Literal["val_loss", "val_auc"]  # which epoch's weights become best.pt
     augment: AugmentParams
     init: str  # scratch | imagenet | path of a cxr-screen checkpoint to fine-tune (train/pretrained.py)
-    freeze: Literal["none", "backbone"]  # backbone: train the final classifier layer(s) only
+    freeze: FreezeMode  # backbone: train the final classifier layer(s) only
 
 
 @dataclass(frozen=True)
 class EvaluateParams:
-    threshold_rule: Literal["max_f1", "target_sensitivity"]
+    threshold_rule: ThresholdRule
     target_sensitivity: float
     bootstrap: int
     batch_size: int
@@ -105,8 +108,8 @@ class LatencyParams:
 @dataclass(frozen=True)
 class Params:
     seed: int
-    model: Literal["alexnet", "vgg16", "resnet50", "densenet121", "inceptionv3"]
-    variant: Literal["plain", "equalized"]
+    model: ModelName
+    variant: Variant
     data: DataParams
     sample: SampleParams
     preprocess: PreprocessParams

@@ -9,9 +9,9 @@ never drift apart.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar
 
 import cv2
 import numpy as np
@@ -20,35 +20,31 @@ from PIL import Image
 from pipeline.dicom import DICOM_MAGIC_OFFSET, looks_like_dicom, read_dicom_with_header
 from pipeline.errors import CxrError
 from pipeline.imageio import DEFAULT_MAX_DECODED_BYTES, DecodeLimits, Header, ImageRejected, decode_with_header
-from pipeline.params import PreprocessParams
+from pipeline.names import EQUALIZE_METHODS, VARIANTS
+from pipeline.params import EqualizeMethod, PreprocessParams
 
 
 @dataclass(frozen=True)
-class PreprocessConfig:
-    top_crop: float
-    size: int
-    equalize: Literal["global", "clahe"] | None  # None: the 'plain' variant
-    clahe_clip: float
-    reduced_decode: bool
-    max_pixels: int
-    min_side: int
-    # Last, with a default: configs stored by earlier versions lack it, and it bounds memory only.
-    max_decoded_bytes: int = DEFAULT_MAX_DECODED_BYTES
+class PreprocessConfig(PreprocessParams):
+    """`preprocess.*` as one variant applies it: the same fields, `equalize` None for 'plain'.
+
+    A subclass, so a new field in PreprocessParams is a field here too, with no copy to update.
+    """
+
+    equalize: EqualizeMethod | None  # None: the 'plain' variant (keeps its place among the fields)
+
+    # Fields added after artifacts were first written, each with the value that reproduces what
+    # those older artifacts did: `from_dict` fills them in, so adding a field to PreprocessParams
+    # (and here) leaves every existing shard summary, checkpoint and ONNX file readable.
+    # max_decoded_bytes bounds memory only: the default decodes every image those artifacts decoded.
+    ADDED_FIELDS: ClassVar[dict[str, Any]] = {"max_decoded_bytes": DEFAULT_MAX_DECODED_BYTES}
 
     @classmethod
     def for_variant(cls, params: PreprocessParams, variant: str) -> PreprocessConfig:
-        if variant not in ("plain", "equalized"):
-            raise CxrError(f"unknown variant {variant!r}; valid: plain, equalized")
-        return cls(
-            top_crop=params.top_crop,
-            size=params.size,
-            equalize=params.equalize if variant == "equalized" else None,
-            clahe_clip=params.clahe_clip,
-            reduced_decode=params.reduced_decode,
-            max_pixels=params.max_pixels,
-            min_side=params.min_side,
-            max_decoded_bytes=params.max_decoded_bytes,
-        )
+        if variant not in VARIANTS:
+            raise CxrError(f"unknown variant {variant!r}; valid: {', '.join(VARIANTS)}")
+        cfg = cls(**asdict(params))
+        return cfg if variant == "equalized" else replace(cfg, equalize=None)
 
     @classmethod
     def from_dict(cls, raw: Any) -> PreprocessConfig:
@@ -59,11 +55,15 @@ class PreprocessConfig:
         """
         if not isinstance(raw, dict):
             raise CxrError(f"preprocess config must be a mapping, got {type(raw).__name__}")
-        try:
-            fields = cls.__dataclass_fields__
-            cfg = cls(**{k: raw[k] for k in fields if k in raw or k != "max_decoded_bytes"})
-        except KeyError as exc:
-            raise CxrError(f"preprocess config lacks key {exc}; was it written by an older version?") from None
+        names = [f.name for f in fields(cls)]
+        unknown = sorted(set(raw) - set(names), key=str)
+        if unknown:
+            raise CxrError(f"preprocess config has unknown key(s) {unknown}: it was written by a newer version")
+        values = {**cls.ADDED_FIELDS, **raw}
+        missing = [n for n in names if n not in values]
+        if missing:
+            raise CxrError(f"preprocess config lacks key(s) {missing}; was it written by an older version?")
+        cfg = cls(**values)
         _check_bounds(cfg)
         return cfg
 
@@ -183,7 +183,7 @@ def equalize(img: np.ndarray, method: str, clahe_clip: float) -> np.ndarray:
         return cv2.equalizeHist(img)
     if method == "clahe":
         return cv2.createCLAHE(clipLimit=clahe_clip, tileGridSize=(8, 8)).apply(img)
-    raise CxrError(f"unknown equalization {method!r}; valid: global, clahe")
+    raise CxrError(f"unknown equalization {method!r}; valid: {', '.join(EQUALIZE_METHODS)}")
 
 
 def preprocess_array(img: np.ndarray, cfg: PreprocessConfig) -> np.ndarray:

@@ -30,8 +30,19 @@ from pipeline.manifest import ManifestEntry, read_manifest
 from pipeline.ownership import claim_folder, remove_owned
 from pipeline.params import PreprocessParams, ShardParams
 from pipeline.preprocess import PreprocessConfig
+from pipeline.rejects import check_reject_fraction
 from pipeline.shard_worker import ShardResult, ShardTask, process_one, process_pool
-from pipeline.shard_format import CLASS_NAMES, OWN_NAMES, REJECTS_NAME, SPLITS, SUMMARY_NAME, shard_name
+from pipeline.shard_format import (
+    CLASS_NAMES,
+    OWN_NAMES,
+    REJECTS_NAME,
+    SPLITS,
+    encode_sample,
+    make_summary,
+    shard_name,
+    split_record,
+    write_summary,
+)
 
 # Fixed tar metadata: with the default (current time) every run would produce
 # different bytes and DVC could never recognise an unchanged output.
@@ -161,14 +172,7 @@ def _write_locked(entries, ingest, root, out_dir, variant, cfg, shard, workers, 
         for sink in sinks.values():
             sink.abort()
         raise
-    splits = {}
-    for split, sink in sinks.items():
-        shards = sink.close()
-        splits[split] = {
-            "count": sum(s["count"] for s in shards),
-            "class_counts": {name: class_counts[split][name] for name in CLASS_NAMES},
-            "shards": shards,
-        }
+    splits = {split: split_record(sink.close(), class_counts[split]) for split, sink in sinks.items()}
     return _summarize(splits, rejects, ingest, root, out_dir, variant, cfg, shard, max_reject_fraction, seed)
 
 
@@ -190,43 +194,32 @@ def _fill(sinks, tasks, workers, variant, show_progress, ingest):
             "height": result.height,
             "sha256": e.sha256,
         }
-        sample = {
-            "__key__": e.key,
-            "png": result.png,
-            "cls": str(e.label).encode(),
-            "json": json.dumps(meta, sort_keys=True).encode(),
-        }
-        sinks[e.split].write(sample, len(result.png) + 1024)
+        sinks[e.split].write(encode_sample(e.key, result.png, e.label, meta), len(result.png) + 1024)
         class_counts[e.split][CLASS_NAMES[e.label]] += 1
     progress.close()
     return rejects, class_counts
 
 
+
 def _summarize(splits, rejects, ingest, root, out_dir, variant, cfg, shard, max_reject_fraction, seed):
     total_lines = ingest["lines"]
-    summary = {
-        "variant": variant,
-        "root": str(root),
-        "counts": {split: splits[split]["count"] for split in SPLITS},
-        "splits": splits,
-        "params": {"preprocess": cfg.to_dict(), "seed": seed, "max_count": shard.max_count, "max_bytes": shard.max_bytes},
-        "label_lines": total_lines,
-        "reject_count": len(rejects),
-        "rejects": rejects,
-        "label_file_patient_overlap": ingest.get("label_file_patient_overlap", {}),
-        "leak_count": ingest.get("leak_count", 0),
-        "leaks": ingest.get("leaks", []),
-    }
+    summary = make_summary(
+        variant=variant,
+        root=str(root),
+        splits=splits,
+        params={"preprocess": cfg.to_dict(), "seed": seed, "max_count": shard.max_count, "max_bytes": shard.max_bytes},
+        label_lines=total_lines,
+        rejects=rejects,
+        patient_overlap=ingest.get("label_file_patient_overlap", {}),
+        leaks=ingest.get("leaks", []),
+    )
     written = sum(splits[s]["count"] for s in SPLITS)
     if written + len(rejects) != total_lines:  # the no-silent-drop invariant
         raise CxrError(f"accounting error: {written} written + {len(rejects)} rejected != {total_lines} label lines")
-    if len(rejects) > max_reject_fraction * total_lines:
-        message = (
-            f"{len(rejects)} of {total_lines} images rejected (> {max_reject_fraction:.0%}): is the dataset root "
-            f"{root} right? First reasons: " + "; ".join(r["reason"] for r in rejects[:3])
-        )
-        # No summary (nothing downstream may read these shards), but the whole evidence.
+    def write_rejects(message: str) -> Path:  # no summary (nothing downstream may read these shards)
         atomic_write_json(out_dir / REJECTS_NAME, summary | {"failed": message}, indent=1)
-        raise CxrError(f"{message} (all rejects in {out_dir / REJECTS_NAME})")
-    atomic_write_json(out_dir / SUMMARY_NAME, summary, indent=1)
+        return out_dir / REJECTS_NAME
+
+    check_reject_fraction(rejects, total_lines, max_reject_fraction, "images", root, write_rejects)
+    write_summary(out_dir, summary)
     return summary

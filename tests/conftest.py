@@ -3,19 +3,27 @@
 from __future__ import annotations
 
 import functools
-import hashlib
-import json
 import threading
+from collections import Counter
 from collections.abc import Iterator
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-import cv2
 import numpy as np
 import pytest
 import webdataset as wds
 
-from pipeline.shard_format import CLASS_NAMES, SUMMARY_NAME, shard_name
+from pipeline.fileio import sha256_file
+from pipeline.shard_format import (
+    CLASS_NAMES,
+    encode_png,
+    encode_sample,
+    make_summary,
+    read_summary,
+    shard_name,
+    split_record,
+    write_summary,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 COVIDX_MINI = REPO.parent / "shared" / "covidx-mini"
@@ -55,7 +63,8 @@ def make_tiny_shards(
     seed: int = 0,
     variant: str = "plain",
 ) -> Path:
-    """Write a variant directory in the shard format (summary.json + tars) without the raw pipeline."""
+    """Write a variant directory through the shard format's own encoder (summary.json + tars),
+    without the raw pipeline."""
     per_class = per_class or {"train": 8, "val": 4, "test": 4}
     rng = np.random.default_rng(seed)
     directory.mkdir(parents=True, exist_ok=True)
@@ -70,40 +79,33 @@ def make_tiny_shards(
             with wds.TarWriter(str(directory / name), mtime=0) as sink:
                 for i in chunk:
                     label = labels[i]
-                    ok, png = cv2.imencode(".png", synthetic_image(label, size, rng))
-                    assert ok
-                    sink.write(
-                        {
-                            "__key__": f"{split}_{i:06d}",
-                            "png": png.tobytes(),
-                            "cls": label,
-                            "json": {"patient_id": f"p{split}{i}", "source": "toy", "filename": f"x.{i}.png"},
-                        }
-                    )
-            digest = hashlib.sha256((directory / name).read_bytes()).hexdigest()
-            shards.append({"name": name, "count": len(chunk), "sha256": digest})
-        splits[split] = {
-            "count": len(labels),
-            "class_counts": {CLASS_NAMES[c]: labels.count(c) for c in (0, 1)},
-            "shards": shards,
-        }
-    summary = {
-        "variant": variant,
-        "splits": splits,
-        "params": {"preprocess": {"size": size, "top_crop": 0.08, "equalize": None}, "seed": seed},
-        "rejects": [],
-    }
-    (directory / SUMMARY_NAME).write_text(json.dumps(summary, indent=1))
+                    png = encode_png(synthetic_image(label, size, rng))
+                    meta = {"patient_id": f"p{split}{i}", "source": "toy", "filename": f"x.{i}.png"}
+                    sink.write(encode_sample(f"{split}_{i:06d}", png, label, meta))
+            shards.append({"name": name, "count": len(chunk), "sha256": sha256_file(directory / name)})
+        splits[split] = split_record(shards, Counter(CLASS_NAMES[c] for c in labels))
+    preprocess = {"size": size, "top_crop": 0.08, "equalize": None}
+    summary = make_summary(
+        variant=variant,
+        root=str(directory / "raw"),
+        splits=splits,
+        params={"preprocess": preprocess, "seed": seed},
+        label_lines=sum(split["count"] for split in splits.values()),
+        rejects=[],
+        patient_overlap={},
+        leaks=[],
+    )
+    write_summary(directory, summary)
     return directory
 
 
 def reseal(directory: Path) -> None:
     """Record the shards' current sha256 in summary.json (after a test rewrote a shard on purpose)."""
-    summary = json.loads((directory / SUMMARY_NAME).read_text())
+    summary = read_summary(directory).raw
     for split in summary["splits"].values():
         for shard in split["shards"]:
-            shard["sha256"] = hashlib.sha256((directory / shard["name"]).read_bytes()).hexdigest()
-    (directory / SUMMARY_NAME).write_text(json.dumps(summary, indent=1))
+            shard["sha256"] = sha256_file(directory / shard["name"])
+    write_summary(directory, summary)
 
 
 @pytest.fixture

@@ -106,3 +106,32 @@ def test_init_in_meta_is_recorded_defaulted_and_checked(tmp_path: Path):
         torch.save({"meta": meta, "state_dict": {}, "extra": {}}, tmp_path / "bad.pt")
         with pytest.raises(CxrError, match=r"bad.pt: invalid model meta: init must be \{kind: one of"):
             load_checkpoint(tmp_path / "bad.pt")
+
+
+def test_a_meta_key_added_later_is_filled_in_for_older_checkpoints(tmp_path: Path, net, monkeypatch):
+    from train import checkpoint
+
+    path = tmp_path / "old.pt"
+    old_meta = {k: v for k, v in _meta().items() if k != "selection"}  # written before "selection" existed
+    save_checkpoint(path, old_meta, detached_state_dict(net))
+    monkeypatch.setattr(checkpoint, "META_DEFAULTS", {"selection": "val_loss", "epoch": -1})
+    ckpt = load_checkpoint(path)
+    assert ckpt.meta["selection"] == "val_loss"  # missing: the default, i.e. the old behaviour
+    assert ckpt.meta["epoch"] == 3  # present: the checkpoint's own value wins
+    assert ckpt.threshold_record == {"value": 0.42, "rule": "max_f1", "split": "val"}
+
+
+def test_train_state_round_trips_through_last_pt_and_older_states_get_defaults(tmp_path: Path, net):
+    from train.checkpoint import TrainState
+
+    state = TrainState("abc", epoch=2, best_state=detached_state_dict(net), best_epoch=1, best_val_loss=0.3,
+                       history=[{"epoch": 1.0}, {"epoch": 2.0}], finished=True)  # fmt: skip
+    save_checkpoint(tmp_path / "last.pt", _meta(), detached_state_dict(net), state.to_dict())
+    back = TrainState.from_dict(load_checkpoint(tmp_path / "last.pt").extra)
+    assert (back.fingerprint, back.epoch, back.best_epoch, back.best_val_loss) == ("abc", 2, 1, 0.3)
+    assert back.finished and not back.early_stopped and back.history == state.history
+    assert all(torch.equal(back.best_state[k], v) for k, v in state.best_state.items())
+    older = {k: v for k, v in state.to_dict().items() if k != "early_stopped"}  # before that key existed
+    assert TrainState.from_dict(older).early_stopped is False
+    with pytest.raises(CxrError, match="fingerprint"):
+        TrainState.from_dict({"epoch": 1})

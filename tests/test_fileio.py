@@ -110,3 +110,9 @@ def test_lock_of_a_killed_run_does_not_block_the_rerun(tmp_path):
     finally:
         proc.kill()
         proc.wait()
+
+
+def test_csv_rows_are_written_as_the_csv_module_writes_them(tmp_path):
+    path = tmp_path / "out" / "p.csv"
+    fileio.atomic_write_csv(path, [("path", "note"), ("a,b.png", 'say "hi"'), ("c.png", 0.5)])
+    assert path.read_bytes() == b'path,note\r\n"a,b.png","say ""hi"""\r\nc.png,0.5\r\n'

@@ -13,7 +13,6 @@ import torch
 
 from pipeline.errors import CxrError
 from train import export as export_mod
-from train import inference
 from train.checkpoint import load_checkpoint, make_meta, save_checkpoint
 from train.export import TOLERANCE
 from train.inference import CHECK_IMAGES, Engine, batched, cached_onnx, ordered_prefetch

@@ -16,6 +16,7 @@ from pipeline.params import LatencyParams
 from tests.conftest import REPO
 from train import latency
 from train.checkpoint import make_meta, save_checkpoint
+from train.export import TOLERANCE
 from train.models import build_model, inference_param_count
 
 QUICK = LatencyParams(threads=1, warmup=1, runs=3, batch=2)
@@ -77,7 +78,7 @@ def test_latency_cli_writes_the_report(tmp_path):
     assert report["floor_ms"] == pytest.approx(report["gflops"] / report["peak_gflops_fp32"] * 1e3)
     assert report["cpu_ratio_to_floor"] == pytest.approx(report["cpu_ms_per_image"] / report["floor_ms"])
     ort = report["cpu_paths"]["onnxruntime"]
-    assert ort["correct"] and ort["max_scaled_diff"] <= latency.MAX_DIFF, ort
+    assert ort["correct"] and ort["max_scaled_diff"] <= TOLERANCE, ort
     fastest = report["cpu_fastest_path"]
     assert fastest in ("eager", "onnxruntime")
     assert report["cpu_fastest_ms_per_image"] == min(p["ms_per_image"] for p in report["cpu_paths"].values())

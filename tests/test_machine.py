@@ -1,5 +1,7 @@
 """train/machine.py: timed runs, FLOPs and the measured peak."""
 
+import time
+
 import torch
 from torch import nn
 
@@ -13,10 +15,11 @@ def test_count_flops_hand_checked():
     assert machine.count_flops(nn.Conv2d(1, 2, 3, bias=False), torch.zeros(1, 1, 4, 4)) == 2 * (2 * 9 * 4)
 
 
-def test_time_runs_warms_up_then_times_each_run():
-    calls = []
-    timing = machine.time_runs(lambda: calls.append(1), warmup=3, runs=5, threads=1)
-    assert len(calls) == 8 and timing.median_s >= 0 and timing.cpu_share >= 0
+def test_time_runs_takes_the_median_of_the_timed_runs_only():
+    durations = iter([0.3, 0.3, 0.005, 0.4, 0.005])  # two warm-ups, then three timed runs; a sixth call raises
+    timing = machine.time_runs(lambda: time.sleep(next(durations)), warmup=2, runs=3, threads=1)
+    assert 0.005 <= timing.median_s < 0.1  # the median of (0.005, 0.4, 0.005); their mean would be 0.137
+    assert timing.on_cpu_s < 0.05 and timing.cpu_share < 0.5  # sleeping uses no CPU time
 
 
 def test_peak_is_the_best_rate_any_probe_reached():

@@ -70,3 +70,19 @@ def test_cam_layer_exists(nets, name):
 def test_unknown_model_lists_the_valid_ones():
     with pytest.raises(CxrError, match="resnet50"):
         build_model("resnet51")
+
+
+def test_model_input_is_uint8_over_255_in_one_channel():
+    import numpy as np
+
+    from train.models import model_input
+
+    pixels = np.array([[[0, 1, 128, 255]]], np.uint8)  # (B=1, H=1, W=4)
+    x = model_input(pixels)
+    assert x.dtype == torch.float32 and x.shape == (1, 1, 1, 4)
+    assert x.flatten().tolist() == [0.0, np.float32(1) / np.float32(255), np.float32(128) / np.float32(255), 1.0]
+    assert torch.equal(model_input(torch.from_numpy(pixels)[:, None]), x)
+    with pytest.raises(CxrError, match="uint8"):
+        model_input(pixels.astype(np.float32))
+    with pytest.raises(CxrError, match="uint8"):
+        model_input(np.zeros((1, 3, 4, 4), np.uint8))  # colour is not a model input

@@ -1,3 +1,5 @@
+import dataclasses
+
 import cv2
 import numpy as np
 import pytest
@@ -106,6 +108,23 @@ def test_config_round_trips_through_a_dict(cfg):
     assert PreprocessConfig.from_dict(cfg.to_dict()) == cfg
     with pytest.raises(Exception, match="lacks key"):
         PreprocessConfig.from_dict({"size": 224})
+    with pytest.raises(Exception, match="newer version"):
+        PreprocessConfig.from_dict({**cfg.to_dict(), "denoise": True})
+
+
+def test_variants_differ_only_in_equalize_and_follow_every_params_field(cfg):
+    params = load_params("params.yaml").preprocess
+    plain = PreprocessConfig.for_variant(params, "plain")
+    assert plain == dataclasses.replace(cfg, equalize=None)
+    assert {k: v for k, v in cfg.to_dict().items()} == dataclasses.asdict(params)
+
+
+def test_a_field_added_later_gets_its_old_behaviour_in_older_artifacts(cfg, monkeypatch):
+    older = {k: v for k, v in cfg.to_dict().items() if k != "min_side"}  # as if min_side were new
+    with pytest.raises(Exception, match=r"lacks key\(s\) \['min_side'\]"):
+        PreprocessConfig.from_dict(older)
+    monkeypatch.setattr(PreprocessConfig, "ADDED_FIELDS", {"min_side": 1})
+    assert PreprocessConfig.from_dict(older) == dataclasses.replace(cfg, min_side=1)
 
 
 def _exact_bicubic(img, size):

@@ -1,8 +1,11 @@
 import socket
 
+import pytest
+import torch
 import torch.distributed as dist
 
-from train.runtime import start_runtime, stop_runtime
+from pipeline.errors import CxrError
+from train.runtime import pick_device, start_runtime, stop_runtime
 
 
 def _free_port() -> int:
@@ -34,3 +37,16 @@ def test_torchrun_with_one_process_runs_the_ddp_path(monkeypatch):
     finally:
         stop_runtime(rt)
     assert not dist.is_initialized()
+
+
+def test_auto_is_cuda_exactly_when_present():
+    assert pick_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert pick_device("cpu") == torch.device("cpu")
+
+
+def test_missing_cuda_or_a_bad_name_is_an_error_not_a_cpu_run(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(CxrError, match="CUDA is not available"):
+        pick_device("cuda:1")
+    with pytest.raises(CxrError, match="invalid device 'gpu0'"):
+        pick_device("gpu0")

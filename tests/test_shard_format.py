@@ -1,15 +1,87 @@
-"""The shard contract read from a local folder or a URL: summary, shard locations, checksums."""
+"""The shard format's owner: samples and summaries round-trip through its own encoder and decoder,
+and the same contract reads from a local folder or a URL (summary, shard locations, checksums)."""
 
 from __future__ import annotations
 
 import hashlib
+import json
+from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from pipeline.errors import CxrError
-from pipeline.shard_format import is_url, join_location, read_shard, read_summary
+from pipeline.shard_format import (
+    SUMMARY_NAME,
+    decode_sample,
+    encode_png,
+    encode_sample,
+    is_url,
+    join_location,
+    make_summary,
+    read_shard,
+    read_summary,
+    split_record,
+    write_summary,
+)
 from tests.conftest import make_tiny_shards
+
+
+def test_sample_round_trips_losslessly():
+    image = np.random.default_rng(0).integers(0, 256, (32, 48), dtype=np.uint8)
+    meta = {"source": "toy", "patient_id": "p1", "filename": "a.png"}
+    sample = encode_sample("train_000001", encode_png(image), 1, meta)
+    assert sample["cls"] == b"1" and sample["json"] == json.dumps(meta, sort_keys=True).encode()
+    out = decode_sample({**sample, "__url__": "x.tar"})
+    assert out["key"] == "train_000001" and out["label"] == 1 and out["meta"] == meta
+    assert out["image"].dtype == np.uint8 and np.array_equal(out["image"], image)
+
+
+@pytest.mark.parametrize(
+    "key,label,message", [("train.1", 0, "must not contain a dot"), ("k", 2, "not 0 or 1"), ("k", True, "not 0 or 1")]
+)
+def test_encoder_refuses_what_the_reader_could_not_take_back(key, label, message):
+    with pytest.raises(CxrError, match=message):
+        encode_sample(key, b"", label, {})
+
+
+def test_colour_or_16_bit_images_are_not_shard_images():
+    with pytest.raises(CxrError, match="uint8"):
+        encode_png(np.zeros((4, 4, 3), np.uint8))
+    with pytest.raises(CxrError, match="uint8"):
+        encode_png(np.zeros((4, 4), np.uint16))
+
+
+def test_decoder_names_the_sample_and_what_is_wrong():
+    good = encode_sample("k", encode_png(np.zeros((4, 4), np.uint8)), 0, {})
+    with pytest.raises(CxrError, match=r"sample k lacks \['json'\]"):
+        decode_sample({k: v for k, v in good.items() if k != "json"})
+    with pytest.raises(CxrError, match="label 3"):
+        decode_sample({**good, "cls": b"3"})
+    with pytest.raises(CxrError, match="unreadable cls/json"):
+        decode_sample({**good, "json": b"{not json"})
+
+
+def test_summary_round_trips_and_its_bytes_are_stable(tmp_path: Path):
+    shards = [{"name": "train-000000.tar", "count": 3, "sha256": "a" * 64},
+              {"name": "train-000001.tar", "count": 2, "sha256": "b" * 64}]  # fmt: skip
+    splits = {"train": split_record(shards, Counter({"negative": 4, "positive": 1}))}
+    summary = make_summary(variant="plain", root="/data", splits=splits, params={"preprocess": {"size": 8}, "seed": 1},
+                           label_lines=6, rejects=[{"reason": "bad"}], patient_overlap={}, leaks=[])  # fmt: skip
+    assert summary["counts"] == {"train": 5} and summary["reject_count"] == 1
+    first = write_summary(tmp_path, summary).read_bytes()
+    back = read_summary(tmp_path)
+    assert back.variant == "plain" and back.preprocess == {"size": 8}
+    assert back.split("train").count == 5 and back.split("train").class_counts == {"negative": 4, "positive": 1}
+    assert back.shard_paths("train") == [str(tmp_path / "train-000000.tar"), str(tmp_path / "train-000001.tar")]
+    assert write_summary(tmp_path, json.loads(first)).read_bytes() == first
+
+
+def test_a_summary_missing_fields_is_a_clear_error(tmp_path: Path):
+    (tmp_path / SUMMARY_NAME).write_text(json.dumps({"variant": "plain", "splits": {}}))
+    with pytest.raises(CxrError, match="invalid shard summary"):
+        read_summary(tmp_path)
 
 
 def test_locations_join_like_paths_locally_and_like_urls_remotely():

@@ -68,6 +68,7 @@ def test_train_writes_self_describing_best_and_resumable_last(tmp_path: Path, sh
     assert (best.model_name, best.variant, best.input_size) == ("resnet50", "plain", 32)
     assert best.preprocess == summary.preprocess and best.meta["params"]["train"]["batch_size"] == 4
     assert best.meta["threshold"]["rule"] == "max_f1" and best.meta["threshold"]["split"] == "val"
+    assert best.meta["threshold"]["n"] == summary.split("val").count  # chosen on validation, never test
     assert 0.0 <= best.threshold <= 1.0 and best.meta["epoch"] == result["best_epoch"]
     assert best.meta["val_loss"] == pytest.approx(result["best_val_loss"])
     assert best.build()(torch.rand(2, 1, 32, 32)).shape == (2,)

@@ -10,20 +10,22 @@ preprocessing params and the full params it was trained with. Evaluation, latenc
 
 from __future__ import annotations
 
-import hashlib
-import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from pipeline.errors import CxrError
-from pipeline.params import FREEZE_MODES, INIT_KINDS, MODEL_NAMES, VARIANTS
+from pipeline.fileio import atomic_output, sha256_file
+from pipeline.names import FREEZE_MODES, INIT_KINDS, MODEL_NAMES, VARIANTS
 from pipeline.shard_format import CLASS_NAMES
 from train.models import ScreeningNet, build_model
 
 FORMAT = "cxr-screen-checkpoint/1"
+# Meta keys added after format 1, each with the value that reproduces what older checkpoints
+# did: load_checkpoint fills them in, so adding a key leaves every existing checkpoint readable.
+META_DEFAULTS: dict[str, Any] = {"calibration": None, "selection": None}  # None: identity calibration; not recorded
 
 
 @dataclass(frozen=True)
@@ -31,7 +33,7 @@ class Checkpoint:
     path: Path
     meta: dict[str, Any]
     state_dict: dict[str, torch.Tensor]
-    extra: dict[str, Any]  # optimizer/scheduler/RNG state etc. for resume; empty for best.pt
+    extra: dict[str, Any]  # last.pt: the trainer's resume state (optimizer, best weights, history); best.pt: {}
 
     @property
     def model_name(self) -> str:
@@ -50,6 +52,11 @@ class Checkpoint:
         return float(self.meta["threshold"]["value"])
 
     @property
+    def threshold_record(self) -> dict[str, Any]:
+        """How the threshold was chosen: {"value", "rule", "split": "val", "n", ...}."""
+        return self.meta["threshold"]
+
+    @property
     def preprocess(self) -> dict[str, Any]:
         return self.meta["preprocess"]
 
@@ -65,7 +72,39 @@ class Checkpoint:
         return model
 
     def file_sha256(self) -> str:
-        return file_sha256(self.path)
+        return sha256_file(self.path)
+
+
+@dataclass
+class TrainState:
+    """The trainer's resume state, saved as last.pt's `extra` (a plain dict, so weights_only loads it).
+
+    A run resumes at an epoch boundary: randomness is re-derived from (seed, epoch, rank), so the
+    optimizer, the best weights so far and the early-stopping counters are all it needs.
+    """
+
+    fingerprint: str  # the params and data it belongs to (trainer.run_fingerprint)
+    epoch: int = 0  # epochs completed
+    optimizer: dict[str, Any] | None = None
+    best_state: dict[str, torch.Tensor] | None = None  # rank 0 only
+    best_epoch: int = 0
+    best_val_loss: float = float("inf")
+    best_score: list[float] = field(default_factory=lambda: [float("-inf")] * 2)  # selection.WORST: none scored yet
+    bad_epochs: int = 0
+    history: list[dict[str, float]] = field(default_factory=list)
+    finished: bool = False
+    early_stopped: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        # not dataclasses.asdict: it would deep-copy the optimizer state and the best weights
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> TrainState:
+        """Keys a newer trainer added fall back to their defaults; the fingerprint is required."""
+        if "fingerprint" not in raw:
+            raise CxrError("resume state lacks its fingerprint")
+        return cls(**{f.name: raw[f.name] for f in fields(cls) if f.name in raw})
 
 
 def make_meta(
@@ -117,10 +156,8 @@ def save_checkpoint(
     path: Path, meta: dict[str, Any], state_dict: dict[str, torch.Tensor], extra: dict[str, Any] | None = None
 ) -> None:
     """Write atomically: a crash mid-write never leaves a truncated checkpoint."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save({"meta": meta, "state_dict": state_dict, "extra": extra or {}}, tmp)
-    os.replace(tmp, path)
+    with atomic_output(path) as stream:
+        torch.save({"meta": meta, "state_dict": state_dict, "extra": extra or {}}, stream)
 
 
 def load_checkpoint(path: Path | str) -> Checkpoint:
@@ -141,7 +178,8 @@ def load_checkpoint(path: Path | str) -> Checkpoint:
     if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
         raise CxrError(f"{path}: state_dict must map parameter names to tensors")
     extra = raw.get("extra", {})
-    return Checkpoint(path=path, meta=raw["meta"], state_dict=state, extra=extra if isinstance(extra, dict) else {})
+    meta = {**META_DEFAULTS, **raw["meta"]}
+    return Checkpoint(path=path, meta=meta, state_dict=state, extra=extra if isinstance(extra, dict) else {})
 
 
 MAX_INPUT_SIZE = 1024
@@ -179,10 +217,3 @@ def validate_meta(meta: Any, where: str) -> dict[str, Any]:
          f"init must be {{kind: one of {list(INIT_KINDS)}, freeze: one of {list(FREEZE_MODES)}}}")  # fmt: skip
     return meta
 
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()

@@ -10,7 +10,6 @@ device, which keeps host->device copies and pinned buffers 4x smaller.
 from __future__ import annotations
 
 import io
-import json
 import math
 import random
 from collections.abc import Iterator
@@ -18,36 +17,12 @@ from itertools import islice
 from typing import Any
 
 import numpy as np
-import pyspng
 import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, get_worker_info
 
 from pipeline.errors import CxrError
-from pipeline.shard_format import ShardSummary, read_shard
-
-
-def decode_sample(sample: dict[str, Any]) -> dict[str, Any]:
-    """PNG -> (H, W) uint8 without a colour conversion.
-
-    WebDataset's "pil" decoders return RGB (3x the bytes for nothing), so the
-    greyscale PNG is decoded as stored.
-    """
-    key = sample.get("__key__", "?")
-    url = sample.get("__url__", "?")
-    missing = [k for k in ("png", "cls", "json") if k not in sample]
-    if missing:
-        raise CxrError(f"{url}: sample {key} lacks {missing}")
-    try:
-        img = pyspng.load(sample["png"])  # libspng, as the shard stage reads PNGs: faster than OpenCV's libpng
-    except Exception:  # libspng reports a corrupt PNG as a plain RuntimeError
-        img = None
-    if img is None or img.ndim != 2 or img.dtype != np.uint8:
-        raise CxrError(f"{url}: sample {key}: png is not a 1-channel 8-bit image")
-    label = int(sample["cls"])
-    if label not in (0, 1):
-        raise CxrError(f"{url}: sample {key}: label {label} is not 0 or 1")
-    return {"key": key, "image": img, "label": label, "meta": json.loads(sample["json"])}
+from pipeline.shard_format import ShardSummary, decode_sample, read_shard
 
 
 def _shard_error(exn: Exception) -> bool:

@@ -26,8 +26,6 @@ checkpoint's own preprocessing, without shards, into a separate file.
 
 from __future__ import annotations
 
-import csv
-import json
 import os
 import re
 from collections.abc import Iterable, Iterator
@@ -40,17 +38,20 @@ import torch
 from tqdm import tqdm
 
 from pipeline.errors import CxrError
+from pipeline.fileio import atomic_write_csv, atomic_write_json, atomic_write_text
 from pipeline.imageio import ImageRejected
 from pipeline.labels import open_inside, parse_label_file
 from pipeline.ownership import claim_folder
 from pipeline.params import EvaluateParams
 from pipeline.preprocess import PreprocessConfig, preprocess_bytes
+from pipeline.rejects import check_reject_fraction
 from pipeline.shard_format import CLASS_NAMES, ShardSummary, read_summary
 from train import calibration as calibration_mod
 from train import metrics
 from train.checkpoint import Checkpoint, load_checkpoint
 from train.data import eval_batches
 from train.inference import Engine, batched, ordered_prefetch
+from train.runtime import pick_device
 
 
 @dataclass(frozen=True)
@@ -76,10 +77,6 @@ class EvalResult:
     report: dict[str, Any]
     test: Predictions
     val: Predictions | None = None  # None for an external set (no validation split)
-
-
-def inference_device() -> torch.device:
-    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
 
 
 def predict_batches(
@@ -155,8 +152,8 @@ def evaluate_shards(
     ckpt = load_checkpoint(checkpoint_path)
     summary = read_summary(shards_dir or Path("shards") / ckpt.variant)
     _check_compatible(ckpt, summary)
-    runner = Engine(ckpt, engine, inference_device())
-    threshold = ckpt.meta["threshold"]
+    runner = Engine(ckpt, engine, pick_device())
+    threshold = ckpt.threshold_record
     cal = ckpt.meta.get("calibration")
     preds = {}
     for split in ("test", "val"):
@@ -168,14 +165,14 @@ def evaluate_shards(
         if len(pred.keys) != summary.split(split).count:
             expected = summary.split(split).count
             raise CxrError(f"scored {len(pred.keys)} {split} images, the shard summary says {expected}")
-    test = split_report(preds["test"], float(threshold["value"]), params, seed)
+    test = split_report(preds["test"], ckpt.threshold, params, seed)
     n_test = test.pop("n")
     report = {
         "model": identity(ckpt),
         "threshold": threshold,
         "n_test": n_test,
         **test,
-        "val": split_report(preds["val"], float(threshold["value"]), params, seed),
+        "val": split_report(preds["val"], ckpt.threshold, params, seed),
         "calibration_model": cal or calibration_mod.IDENTITY,
         "shards": summary.location,
         # Images shared between label files (ingest's data.leaks): nonzero means test may overlap training.
@@ -260,31 +257,39 @@ def evaluate_external(
     root: str,
     engine: str = "auto",
     show_progress: bool = False,
+    rejects_path: Path | None = None,
 ) -> EvalResult:
     """Score an external test set: `items` = [{key, path, label, source, patient_id, filename}].
 
     Images go through the checkpoint's own preprocessing (the shards' code path),
     so an external number measures the model, not a preprocessing mismatch. A
-    rejected image is listed with its reason; too many rejects is an error.
+    rejected image is listed with its reason; too many rejects is an error, and
+    then every reject is written to `rejects_path`.
     """
     ckpt = load_checkpoint(checkpoint_path)
     cfg = PreprocessConfig.from_dict(ckpt.preprocess)
-    runner = Engine(ckpt, engine, inference_device())
+    runner = Engine(ckpt, engine, pick_device())
     rejects = list(label_rejects)
     total = len(items) + len(label_rejects)
     threads = max(1, workers or os.cpu_count() or 1)  # decoding releases the GIL (OpenCV, Pillow): threads suffice
     with tqdm(total=len(items), desc="score external", unit="img", disable=not show_progress, leave=False) as bar:
         pred = predict_batches(runner, _external_batches(items, cfg, params.batch_size, threads, rejects), bar,
                                ckpt.meta.get("calibration"))
-    if total == 0 or len(rejects) / total > max_reject_fraction:
-        first = "; ".join(r["reason"] for r in rejects[:3])
-        raise CxrError(
-            f"{root}: {len(rejects)} of {total} test images rejected (limit {max_reject_fraction:.0%}). {first}"
-        )
+    if total == 0:
+        raise CxrError(f"{root}: test.txt lists no images")
+
+    def write_rejects(message: str) -> Path:
+        if rejects_path is None:
+            return Path("(not written: no rejects path given)")
+        atomic_write_json(rejects_path, {"failed": message, "root": root, "label_lines": total,
+                                         "reject_count": len(rejects), "rejects": rejects})  # fmt: skip
+        return rejects_path
+
+    check_reject_fraction(rejects, total, max_reject_fraction, "test images", root, write_rejects)
     if not pred.keys:
         raise CxrError(f"{root}: no readable test images to evaluate")
-    threshold = ckpt.meta["threshold"]
-    test = split_report(pred, float(threshold["value"]), params, seed)
+    threshold = ckpt.threshold_record
+    test = split_report(pred, ckpt.threshold, params, seed)
     n_test = test.pop("n")
     report = {
         "model": identity(ckpt),
@@ -299,30 +304,18 @@ def evaluate_external(
     return EvalResult(report, pred)
 
 
-def _write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def write_json(path: Path, obj: Any) -> None:
-    _write_text(path, json.dumps(obj, indent=1, sort_keys=True, allow_nan=False) + "\n")
+    atomic_write_json(path, obj, indent=1)
 
 
 def write_predictions(path: Path, pred: Predictions, threshold: float) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
     predicted = metrics.predict_labels(pred.probs, threshold)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", newline="") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(["key", "source", "patient_id", "filename", "label", calibration_mod.PROB_COLUMN,
-                         calibration_mod.RAW_COLUMN, "predicted_at_operating_threshold"])  # fmt: skip
-        rows = zip(pred.keys, pred.meta, pred.labels, pred.probs, pred.raw, predicted)
-        for key, meta, label, prob, raw, hat in rows:
-            where = [meta.get(k, "") for k in ("source", "patient_id", "filename")]
-            writer.writerow([key, *where, int(label), f"{prob:.6f}", f"{raw:.6f}", int(hat)])
-    os.replace(tmp, path)
+    rows = [["key", "source", "patient_id", "filename", "label", calibration_mod.PROB_COLUMN,
+             calibration_mod.RAW_COLUMN, "predicted_at_operating_threshold"]]  # fmt: skip
+    for key, meta, label, prob, raw, hat in zip(pred.keys, pred.meta, pred.labels, pred.probs, pred.raw, predicted):
+        where = [meta.get(k, "") for k in ("source", "patient_id", "filename")]
+        rows.append([key, *where, int(label), f"{prob:.6f}", f"{raw:.6f}", int(hat)])
+    atomic_write_csv(path, rows)
 
 
 PLOT_NAMES = tuple(re.compile(re.escape(name)) for name in
@@ -340,7 +333,7 @@ def write_plots(plots_dir: Path, pred: Predictions, threshold: float, val: Predi
     write_json(plots_dir / "pr.json", metrics.pr_points(pred.labels, pred.probs))
     predicted = metrics.predict_labels(pred.probs, threshold)
     rows = "".join(f"{CLASS_NAMES[a]},{CLASS_NAMES[b]}\n" for a, b in zip(pred.labels, predicted))
-    _write_text(plots_dir / "confusion.csv", "actual,predicted\n" + rows)
+    atomic_write_text(plots_dir / "confusion.csv", "actual,predicted\n" + rows)
 
 
 def write_outputs(result: EvalResult, out: Path, predictions: Path | None, plots_dir: Path | None) -> None:

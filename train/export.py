@@ -13,6 +13,9 @@ file alone and every prediction names the checkpoint it came from.
 
 `torch.onnx.export(dynamo=True)` is tried first; if it raises, the TorchScript
 exporter (dynamo=False) is used, and which one ran is recorded in the metadata.
+`export_graph` and `logit_agreement` are the one ONNX export path and the one
+agreement test: `latency` times the very graph `cxr export` ships, and the
+inference engine judges its session with the same test.
 """
 
 from __future__ import annotations
@@ -22,7 +25,6 @@ import copy
 import io
 import json
 import logging
-import os
 import tempfile
 import time
 import warnings
@@ -36,8 +38,10 @@ import torch
 from tqdm import tqdm
 
 from pipeline.errors import CxrError
+from pipeline.fileio import atomic_output
 from pipeline.shard_format import read_summary
 from train.checkpoint import Checkpoint, load_checkpoint, validate_meta
+from train.models import model_input
 
 log = logging.getLogger(__name__)
 
@@ -71,20 +75,15 @@ def export_onnx(
     out_path = Path(out_path)
     model = ckpt.build().float().eval()
     size = ckpt.input_size
-    example = torch.rand(2, 1, size, size, generator=torch.Generator().manual_seed(0))
 
     _check_replaceable(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    # A unique temp name beside the target: two exports to one folder never share it.
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{out_path.name}.", suffix=".tmp", dir=out_path.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
     # A step bar: tracing a large network takes tens of seconds on a CPU, and so does the check.
     bar = tqdm(total=3, desc=f"export {ckpt.model_name}", unit="step", disable=not show_progress, leave=False)
-    try:
+    with bar, tempfile.TemporaryDirectory(prefix="cxr-export-") as workdir:
+        tmp = Path(workdir) / "graph.onnx"
         bar.set_postfix_str("tracing to ONNX")
         start = time.perf_counter()
-        exporter = _export(model, example, tmp)
+        exporter = export_graph(model, size, tmp)
         seconds = time.perf_counter() - start
         bar.update()
         bar.set_postfix_str("checking onnxruntime against PyTorch")
@@ -99,12 +98,8 @@ def export_onnx(
             "onnx": {"exporter": exporter, "opset": OPSET, "input": INPUT_NAME, "output": OUTPUT_NAME,
                      "verification": verification},
         }  # fmt: skip
-        _write_metadata(tmp, meta)
-        os.replace(tmp, out_path)
+        _write_with_metadata(tmp, meta, out_path)
         bar.update()
-    finally:
-        bar.close()
-        tmp.unlink(missing_ok=True)
     log.info("exported %s with %s in %.1f s to %s: %s", ckpt.model_name, exporter, seconds, out_path, verification)
     return out_path
 
@@ -122,7 +117,12 @@ def _check_replaceable(out_path: Path) -> None:
         raise CxrError(f"refusing to overwrite {out_path}: it is not an ONNX model written by `cxr export`")
 
 
-def _export(model: torch.nn.Module, example: torch.Tensor, path: Path) -> str:
+def export_graph(model: torch.nn.Module, size: int, path: Path) -> str:
+    """Write `model` (a ScreeningNet in eval mode) to `path` as ONNX with a dynamic batch axis.
+
+    Returns the exporter that produced it: "dynamo", or "torchscript" when dynamo failed.
+    """
+    example = torch.rand(2, 1, size, size, generator=torch.Generator().manual_seed(0))
     chatter = io.StringIO()  # the dynamo exporter prints progress to stdout, which carries the CLI's JSON
     try:
         with contextlib.redirect_stdout(chatter):
@@ -182,8 +182,7 @@ def verify(
     if images is not None and len(images):
         if images.dtype != np.uint8 or images.ndim != 3 or images.shape[1:] != (size, size):
             raise CxrError(f"verification images must be uint8 (N, {size}, {size}), got {images.dtype} {images.shape}")
-        real = torch.from_numpy(images[:, None].astype(np.float32) / 255.0)
-        batches += list(real.split(8))
+        batches += list(model_input(images).split(8))
     expected, got = [], []
     with torch.inference_mode():
         for x in batches:
@@ -206,14 +205,19 @@ def verify(
     return result
 
 
-def logit_agreement(torch_logits: np.ndarray, onnx_logits: np.ndarray, tolerance: float) -> dict[str, Any]:
-    """The one ONNX-vs-PyTorch criterion (see TOLERANCE), used by export and by the inference engine."""
-    diff = np.abs(onnx_logits - torch_logits)
+def logit_agreement(reference: np.ndarray, candidate: np.ndarray, tolerance: float = TOLERANCE) -> dict[str, Any]:
+    """The one ONNX-vs-PyTorch criterion (see TOLERANCE): how far `candidate` logits are from
+    `reference` (PyTorch fp32), and whether both bounds hold ("ok"); used by export, the
+    inference engine and latency."""
+    reference, candidate = np.asarray(reference, np.float64), np.asarray(candidate, np.float64)
+    if reference.shape != candidate.shape:
+        raise CxrError(f"logits of shape {candidate.shape} compared with {reference.shape}")
+    diff = np.abs(candidate - reference)
     result = {
-        "inputs": len(torch_logits),
-        "max_abs_diff_probability": float(np.abs(_sigmoid(onnx_logits) - _sigmoid(torch_logits)).max()),
+        "inputs": len(reference),
+        "max_abs_diff_probability": float(np.abs(_sigmoid(candidate) - _sigmoid(reference)).max()),
         "max_abs_diff_logit": float(diff.max()),
-        "max_scaled_diff_logit": float((diff / np.maximum(1.0, np.abs(torch_logits))).max()),
+        "max_scaled_diff_logit": float((diff / np.maximum(1.0, np.abs(reference))).max()),
         "tolerance": tolerance,
     }
     # written so that NaN fails too
@@ -231,13 +235,14 @@ def _sigmoid(x: np.ndarray) -> np.ndarray:
     return 1.0 / (1.0 + np.exp(-x))
 
 
-def _write_metadata(path: Path, meta: dict[str, Any]) -> None:
-    proto = onnx.load(str(path))
+def _write_with_metadata(graph: Path, meta: dict[str, Any], out_path: Path) -> None:
+    proto = onnx.load(str(graph))
     del proto.metadata_props[:]
     entry = proto.metadata_props.add()
     entry.key, entry.value = META_KEY, json.dumps(meta, sort_keys=True)
     proto.producer_name = "cxr-screen"
-    onnx.save(proto, str(path))
+    with atomic_output(out_path) as stream:  # what onnx.save writes; it cannot take a file without a path name
+        stream.write(proto.SerializeToString())
 
 
 def onnx_session(
@@ -282,7 +287,7 @@ def onnx_meta(session: ort.InferenceSession, path: Path | str = "<onnx>") -> dic
 
 def onnx_probabilities(session: ort.InferenceSession, images: np.ndarray) -> np.ndarray:
     """uint8 (B, H, W) preprocessed images -> float64 P(COVID-19), shape (B,)."""
-    x = images[:, None].astype(np.float32) / np.float32(255.0)
+    x = model_input(images).numpy()
     return _sigmoid(session.run([OUTPUT_NAME], {INPUT_NAME: x})[0].astype(np.float64))
 
 

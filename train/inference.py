@@ -36,6 +36,7 @@ import torch
 
 from pipeline.errors import CxrError
 from train.checkpoint import Checkpoint
+from train.models import model_input
 
 log = logging.getLogger(__name__)
 
@@ -130,12 +131,12 @@ class Engine:
 
     def _eager_logits(self, images: np.ndarray | torch.Tensor) -> np.ndarray:
         with torch.inference_mode():
-            return self.model(_model_input(images, self.device)).float().cpu().numpy().astype(np.float64)
+            return self.model(model_input(images, self.device)).float().cpu().numpy().astype(np.float64)
 
     def _onnx_logits(self, images: np.ndarray | torch.Tensor) -> np.ndarray:
         from train.export import INPUT_NAME, OUTPUT_NAME
 
-        x = _model_input(images, torch.device("cpu")).numpy()
+        x = model_input(images).numpy()
         return self.session.run([OUTPUT_NAME], {INPUT_NAME: x})[0].astype(np.float64)
 
     def logits(self, images: np.ndarray) -> np.ndarray:
@@ -167,14 +168,6 @@ class Engine:
         """What ran: recorded in every output, so a number can be traced to its engine."""
         return {"engine": self.path, "requested": self.requested, "device": str(self.device),
                 "first_batch_check": self.check, "note": self.note}  # fmt: skip
-
-
-def _model_input(images: np.ndarray | torch.Tensor, device: torch.device) -> torch.Tensor:
-    """uint8 (B, H, W) or (B, 1, H, W) -> float (B, 1, H, W) in [0, 1] on `device`, as evaluation feeds the net."""
-    x = torch.from_numpy(np.ascontiguousarray(images)) if isinstance(images, np.ndarray) else images
-    if x.dtype != torch.uint8 or x.ndim not in (3, 4):
-        raise CxrError(f"engine input must be uint8 (B, H, W) or (B, 1, H, W), got {x.dtype} {tuple(x.shape)}")
-    return (x[:, None] if x.ndim == 3 else x).to(device).float().div_(255.0)
 
 
 def ordered_prefetch(items: Iterable[T], load: Callable[[T], R], workers: int, ahead: int) -> Iterator[tuple[T, R]]:

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import os
 import tempfile
-import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -29,23 +28,20 @@ from tqdm import tqdm
 from pipeline.errors import CxrError
 from pipeline.params import LatencyParams
 from train.checkpoint import load_checkpoint
+from train.export import INPUT_NAME, OUTPUT_NAME, export_graph, logit_agreement, onnx_session
 from train.machine import allocator_name, available_cores, count_flops, cpu_model_name, peak_gflops, time_runs
 from train.models import ScreeningNet, inference_param_count
+from train.runtime import pick_device
 
 CPU_PATHS = ("eager", "onnxruntime", "compile")
-# A faster path only counts if it computes the same thing: logits within 1e-4
-# of eager PyTorch fp32 (the issue's bound), measured relative to the logits'
-# scale once they exceed 1: an untrained InceptionV3 emits logits ~1e11, where
-# float32 itself cannot resolve 1e-4.
-MAX_DIFF = 1e-4
 
 
 def _path_result(
     fn: Callable[[torch.Tensor], np.ndarray], x1: torch.Tensor, xb: torch.Tensor, reference: np.ndarray,
     params: LatencyParams,
 ) -> dict[str, Any]:  # fmt: skip
-    diff = max(float(np.abs(fn(x1) - reference[:1]).max()), float(np.abs(fn(xb) - reference[1:]).max()))
-    scaled = diff / max(1.0, float(np.abs(reference).max()))
+    # A faster path only counts if it computes the same thing, within export's TOLERANCE of eager.
+    check = logit_agreement(reference, np.concatenate([fn(x1), fn(xb)]))
     threads = torch.get_num_threads()
     single = time_runs(lambda: fn(x1), params.warmup, params.runs, threads)
     batch = time_runs(lambda: fn(xb), max(1, params.warmup // 2), max(3, params.runs // 4), threads)
@@ -54,9 +50,9 @@ def _path_result(
         "on_cpu_ms_per_image": single.on_cpu_s * 1e3,
         "images_per_s_batch": params.batch / batch.median_s,
         "cpu_share": min(single.cpu_share, batch.cpu_share),
-        "max_abs_diff": diff,
-        "max_scaled_diff": scaled,
-        "correct": scaled <= MAX_DIFF,
+        "max_abs_diff": check["max_abs_diff_logit"],
+        "max_scaled_diff": check["max_scaled_diff_logit"],
+        "correct": check["ok"],
     }
 
 
@@ -68,33 +64,13 @@ def _eager_fn(model: torch.nn.Module) -> Callable[[torch.Tensor], np.ndarray]:
     return run
 
 
-def _onnxruntime_fn(model: torch.nn.Module, x1: torch.Tensor, threads: int, workdir: Path):
-    import onnxruntime as ort
-
+def _onnxruntime_fn(model: ScreeningNet, input_size: int, threads: int, workdir: Path):
     path = workdir / "model.onnx"
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # tracer warnings about the input-size branch, which is fixed per model
-        # The TorchScript exporter: the dynamo one works too but is slower and
-        # prints its progress; the graph (upsampling included) is the same.
-        torch.onnx.export(
-            model,
-            (x1,),
-            str(path),
-            dynamo=False,
-            input_names=["image"],
-            output_names=["logit"],
-            dynamic_axes={"image": {0: "batch"}, "logit": {0: "batch"}},
-            opset_version=17,
-        )
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    export_graph(model, input_size, path)  # the graph `cxr export` ships, not a look-alike
+    session = onnx_session(path, threads=threads, providers=["CPUExecutionProvider"])
 
     def run(x):
-        return session.run(None, {"image": x.numpy()})[0]
+        return session.run([OUTPUT_NAME], {INPUT_NAME: x.numpy()})[0]
 
     return run
 
@@ -130,7 +106,7 @@ def cpu_paths(
     with tempfile.TemporaryDirectory(prefix="cxr-latency-") as tmp:
         builders = {
             "eager": lambda: eager,
-            "onnxruntime": lambda: _onnxruntime_fn(model, x1, threads, Path(tmp)),
+            "onnxruntime": lambda: _onnxruntime_fn(model, input_size, threads, Path(tmp)),
             "compile": lambda: _compile_fn(model),  # static shapes: batch 1 and batch N compile separately
         }
         # One tick per path, outside the timed runs: a bar redrawn inside them would be timed too.
@@ -145,13 +121,13 @@ def cpu_paths(
 
 
 def cuda_timing(model: ScreeningNet, input_size: int, params: LatencyParams) -> dict[str, Any]:
-    if not torch.cuda.is_available():
+    if pick_device().type != "cuda":
         return {
             "gpu_ms_per_image": None,
             "gpu_images_per_s_batch": None,
             "gpu_note": "CUDA not available on this machine",
         }
-    device = torch.device("cuda")
+    device = pick_device("cuda")
     torch.backends.cudnn.benchmark = True
     gpu_model = model.to(device)
     x1 = torch.rand(1, 1, input_size, input_size, device=device)

@@ -19,6 +19,7 @@ from pipeline.params import AugmentParams
 from pipeline.shard_format import ShardSummary
 from train.augment import augment_batch
 from train.data import eval_batches
+from train.models import model_input
 from train.runtime import Runtime, mean_across_ranks
 
 
@@ -38,12 +39,6 @@ def make_optimizer(model: nn.Module, lr: float) -> torch.optim.Optimizer:
     """
     trainable = [p for p in model.parameters() if p.requires_grad]  # all but a frozen backbone
     return torch.optim.Adam(trainable, lr=lr, weight_decay=0.0, fused=True)
-
-
-def to_device_images(images: torch.Tensor, rt: Runtime) -> torch.Tensor:
-    """uint8 (B, 1, H, W) from the loader -> float in [0, 1] on the training device."""
-    x = images.to(rt.device, non_blocking=True).float().div_(255.0)
-    return x
 
 
 @dataclass(frozen=True)
@@ -92,7 +87,7 @@ def train_one_epoch(
     for batch in batches:
         wait += time.perf_counter() - fetch
         y = batch["label"].to(rt.device, non_blocking=True)
-        x = augment_batch(to_device_images(batch["image"], rt), augment, generator)
+        x = augment_batch(model_input(batch["image"], rt.device), augment, generator)
         if rt.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with rt.autocast():
@@ -151,7 +146,7 @@ def validate(
     loss_sum, labels, probs, patients = 0.0, [], [], []
     for batch in eval_batches(summary, split, batch_size, num_workers):
         y = batch["label"].to(rt.device)
-        x = to_device_images(batch["image"], rt)
+        x = model_input(batch["image"], rt.device)
         if rt.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         if precise:

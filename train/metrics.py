@@ -32,10 +32,10 @@ from sklearn.metrics import (
 )
 
 from pipeline.errors import CxrError
+from pipeline.names import THRESHOLD_RULES
 from pipeline.shard_format import CLASS_NAMES
 from train import intervals
 
-THRESHOLD_RULES = ("max_f1", "target_sensitivity")
 RATES = ("sensitivity", "specificity", "ppv", "npv")
 
 

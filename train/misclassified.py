@@ -28,6 +28,7 @@ from pipeline.shard_format import read_summary
 from train.calibration import PROB_COLUMN
 from train.checkpoint import load_checkpoint
 from train.gradcam import gradcam_heatmaps, overlay
+from train.models import model_input
 
 if TYPE_CHECKING:
     from train.runs import Run
@@ -89,7 +90,7 @@ def overlays_for(model: torch.nn.Module, images: dict[str, np.ndarray], device: 
     if not images:
         return {}
     keys = sorted(images)
-    x = torch.from_numpy(np.stack([images[k] for k in keys])[:, None]).to(device).float().div_(255.0)
+    x = model_input(np.stack([images[k] for k in keys]), device)
     model = model.to(device)
     return {k: overlay(images[k], heat) for k, heat in zip(keys, gradcam_heatmaps(model, x))}
 

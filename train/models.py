@@ -1,7 +1,7 @@
 """The study's five networks, from torchvision with `weights=None`, for 1-channel binary screening.
 
 Every network is wrapped in `ScreeningNet`, which owns what all callers must
-agree on: input in [0, 1] (B x 1 x 224 x 224), a fixed intensity
+agree on: input in [0, 1] (B x 1 x 224 x 224, from uint8 by `model_input`), a fixed intensity
 standardisation, InceptionV3's bilinear upsampling to 299, and a single logit
 per image (P(COVID-19) = sigmoid(logit)). Training, evaluation, Grad-CAM and
 ONNX export therefore run the very same graph.
@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -161,6 +162,22 @@ class ScreeningNet(nn.Module):
             for head in model_spec(self.name).heads:
                 self.backbone.get_submodule(head).train()
         return self
+
+
+def model_input(images: torch.Tensor | np.ndarray, device: torch.device | str = "cpu") -> torch.Tensor:
+    """uint8 images, (B, H, W) or (B, 1, H, W) -> float32 (B, 1, H, W) in [0, 1] on `device`.
+
+    The one conversion from stored pixels to what `ScreeningNet.forward` takes,
+    for training, evaluation, prediction, Grad-CAM and the ONNX runtime alike.
+    The cast happens on `device`: the copy there stays uint8, 4x smaller.
+    """
+    if isinstance(images, np.ndarray):
+        images = torch.from_numpy(np.ascontiguousarray(images))
+    if images.dtype != torch.uint8 or images.ndim not in (3, 4) or (images.ndim == 4 and images.shape[1] != 1):
+        raise CxrError(f"model input must be uint8 (B, H, W) or (B, 1, H, W), got {images.dtype} {tuple(images.shape)}")
+    if images.ndim == 3:
+        images = images[:, None]
+    return images.to(device, non_blocking=True).float().div_(255.0)
 
 
 def build_model(name: str) -> ScreeningNet:

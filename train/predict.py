@@ -45,6 +45,7 @@ from train.checkpoint import load_checkpoint
 from train.gradcam import gradcam_heatmaps, write_overlay
 from train.inference import Engine, batched, ordered_prefetch
 from train.metrics import predict_labels
+from train.models import model_input
 
 # The probability column is calibrated (Platt, fitted on validation): P(COVID-19) at the validation prevalence.
 CSV_COLUMNS = ("path", PROB_COLUMN, "decision", "threshold", "model", "engine", "error")
@@ -260,8 +261,7 @@ def predict(
 
 
 def _write_heatmaps(model: torch.nn.Module, ok: list[tuple[Path, np.ndarray]], out_dir: Path, device: torch.device):
-    images = np.stack([img for _, img in ok])
-    x = torch.from_numpy(images[:, None]).to(device).float().div_(255.0)
+    x = model_input(np.stack([img for _, img in ok]), device)
     for (path, img), heatmap in zip(ok, gradcam_heatmaps(model, x)):
         write_overlay(out_dir / heatmap_name(path), img, heatmap)
 

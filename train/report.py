@@ -16,13 +16,11 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.errors import CxrError
+from pipeline.names import MODEL_DISPLAY, MODEL_NAMES, VARIANTS
 from train.report_validity import init_text, spread_section, validity_section
 from train.runs import Run, best_by_pair, get
 
-MODEL_ORDER = ("alexnet", "vgg16", "resnet50", "densenet121", "inceptionv3")
-DISPLAY = {"alexnet": "AlexNet", "vgg16": "VGG16", "resnet50": "ResNet50", "densenet121": "DenseNet121",
-           "inceptionv3": "InceptionV3"}  # fmt: skip
-VARIANTS = ("equalized", "plain")
+TABLE_VARIANTS = tuple(reversed(VARIANTS))  # the study's tables put the equalized columns first
 MISSING = "—"
 PUBLISHED = Path(__file__).with_name("published_results.json")
 AT_CHOICES = ("0.5", "operating")
@@ -69,7 +67,7 @@ class _Tags:
 def _metric_table(number: str, block: str, title: str, pairs, published, tags: _Tags, prefix: str) -> str:
     study = published["study"]["tables"][number]["data"]
     header = ["Architecture", "Results"]
-    for variant in VARIANTS:
+    for variant in TABLE_VARIANTS:
         label = "eq." if variant == "equalized" else "plain"
         header += [f"Precision ({label})", f"Recall ({label})", f"F1 ({label})", "from"]
 
@@ -77,11 +75,12 @@ def _metric_table(number: str, block: str, title: str, pairs, published, tags: _
         run = pairs.get((m, v))
         return get(run.eval, f"{prefix}{block}.{k}") if run else None
 
-    bold = _bold_best([[ours(m, v, k) for m in MODEL_ORDER] for v in VARIANTS for k in ("precision", "recall", "f1")])
+    keys = ("precision", "recall", "f1")
+    bold = _bold_best([[ours(m, v, k) for m in MODEL_NAMES] for v in TABLE_VARIANTS for k in keys])
     rows = []
-    for i, m in enumerate(MODEL_ORDER):
-        row_ours, row_study = [DISPLAY[m], "ours"], ["", "study"]
-        for j, v in enumerate(VARIANTS):
+    for i, m in enumerate(MODEL_NAMES):
+        row_ours, row_study = [MODEL_DISPLAY[m], "ours"], ["", "study"]
+        for j, v in enumerate(TABLE_VARIANTS):
             row_ours += [bold[3 * j + k][i] for k in range(3)] + [tags(pairs.get((m, v)))]
             ref = get(study, f"{m}.{v}") or {}
             row_study += [_fmt(ref.get(k)) for k in ("precision", "recall", "f1")] + [f"study Table {number}"]
@@ -111,13 +110,13 @@ def _latency_runs(runs: list[Run], pairs: dict[tuple[str, str], Run]) -> dict[st
 def _table_v(lat_runs: dict[str, Run], published: dict[str, Any], tags: _Tags) -> str:
     table_v = published["study"]["tables"]["V"]
     rows = []
-    for m in MODEL_ORDER:
+    for m in MODEL_NAMES:
         lat = lat_runs[m].latency if m in lat_runs else {}
         fastest = lat.get("cpu_fastest_path")
         fastest_ms = _fmt(lat.get("cpu_fastest_ms_per_image"), 1) + (f" ({fastest})" if fastest else "")
         ms = [_fmt(lat.get(k), 1) for k in ("params_m", "cpu_ms_per_image")]
         rest = [_fmt(lat.get(k), 1) for k in ("floor_ms", "gpu_ms_per_image")]
-        rows.append([DISPLAY[m], "ours", *ms, fastest_ms, *rest, tags(lat_runs.get(m))])
+        rows.append([MODEL_DISPLAY[m], "ours", *ms, fastest_ms, *rest, tags(lat_runs.get(m))])
         ref = table_v["data"].get(m, {})
         rows.append(["", "study", _fmt(ref.get("params_m"), 1), _fmt(ref.get("cpu_ms_per_image"), 1), MISSING, MISSING,
                      _fmt(ref.get("gpu_ms_per_image"), 1), "study Table V"])  # fmt: skip
@@ -145,17 +144,17 @@ def _tables_vi_vii(pairs, lat_runs: dict[str, Run], published: dict[str, Any], t
     rows6, rows7 = [], []
     for m, run in best:
         metric = [_fmt(get(run.eval, f"{prefix}{k}")) for k in ("positive.precision", "positive.recall", "accuracy")]
-        rows6.append([DISPLAY[m], "ours", run.variant, _input_shown(run, lat_runs.get(m)), *metric, tags(run)])
+        rows6.append([MODEL_DISPLAY[m], "ours", run.variant, _input_shown(run, lat_runs.get(m)), *metric, tags(run)])
         lat = lat_runs[m].latency if m in lat_runs else {}
-        rows7.append([DISPLAY[m], "ours", _fmt(lat.get("params_m"), 1), _fmt(lat.get("gpu_ms_per_image"), 1),
+        rows7.append([MODEL_DISPLAY[m], "ours", _fmt(lat.get("params_m"), 1), _fmt(lat.get("gpu_ms_per_image"), 1),
                       _fmt(lat.get("cpu_ms_per_image"), 1), tags(lat_runs.get(m))])  # fmt: skip
     for m, ref in study["VI"]["data"].items():
         metric = [_fmt(ref[k]) for k in ("precision", "recall", "accuracy")]
         size = f"{ref['input']}×{ref['input']}"
-        rows6.append([DISPLAY[m], "study", ref["variant"], size, *metric, "study Table VI"])
+        rows6.append([MODEL_DISPLAY[m], "study", ref["variant"], size, *metric, "study Table VI"])
     for m, ref in study["VII"]["data"].items():
         gpu = _fmt(ref["gpu_ms_per_image"], 1)
-        rows7.append([DISPLAY[m], "study", _fmt(ref["params_m"], 1), gpu, MISSING, "study Table VII"])
+        rows7.append([MODEL_DISPLAY[m], "study", _fmt(ref["params_m"], 1), gpu, MISSING, "study Table VII"])
     metric = [_fmt(cn[k]) for k in ("precision_positive", "recall_positive", "accuracy")]
     size = f"{cn['input']}×{cn['input']}"
     rows6.append(["COVID-Net CXR-2", "published", MISSING, size, *metric, "COVID-Net CXR-2 paper"])
@@ -218,7 +217,7 @@ def render(runs: list[Run], published: dict[str, Any], at: str = "0.5") -> str:
         parts.append(_metric_table(number, block, title, pairs, published, tags, prefix))
     parts.append(_table_v(lat_runs, published, tags))
     parts.append(_tables_vi_vii(pairs, lat_runs, published, tags, prefix))
-    shown = [pairs[k] for k in sorted(pairs, key=lambda k: (MODEL_ORDER.index(k[0]) if k[0] in MODEL_ORDER else 99, k))]
+    shown = [pairs[k] for k in sorted(pairs, key=lambda k: (MODEL_NAMES.index(k[0]) if k[0] in MODEL_NAMES else 99, k))]
     parts += [text for text in (validity_section(shown, tags), spread_section(runs, tags)) if text]
     parts.append(_sources(tags, published))
     return "\n".join(parts)

@@ -64,6 +64,22 @@ def cpu_count() -> int:
         return os.cpu_count() or 1
 
 
+def pick_device(requested: str = "auto") -> torch.device:
+    """The one device rule: "auto" is CUDA when present, else CPU; "cpu", "cuda", "cuda:N" as asked.
+
+    Asking for CUDA where there is none is an error, never a silent CPU run.
+    """
+    if requested == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(requested)
+    except RuntimeError as exc:
+        raise CxrError(f"invalid device {requested!r}: {exc}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise CxrError(f"device {requested} asked for, but CUDA is not available here")
+    return device
+
+
 def start_runtime(use_cuda: bool | None = None) -> Runtime:
     """Join the process group when launched by torchrun, pick the device and precision.
 
@@ -72,10 +88,8 @@ def start_runtime(use_cuda: bool | None = None) -> Runtime:
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    cuda = torch.cuda.is_available() if use_cuda is None else use_cuda
+    cuda = pick_device("auto" if use_cuda is None else "cuda" if use_cuda else "cpu").type == "cuda"
     if cuda:
-        if not torch.cuda.is_available():
-            raise CxrError("CUDA requested but not available")
         torch.cuda.set_device(local_rank)
         device = torch.device("cuda", local_rank)
         torch.backends.cudnn.benchmark = True

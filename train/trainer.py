@@ -18,7 +18,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import time
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +30,7 @@ from pipeline.errors import CxrError
 from pipeline.params import Params
 from pipeline.shard_format import ShardSummary, read_summary
 from train import pretrained
-from train.checkpoint import detached_state_dict, load_checkpoint, make_meta, save_checkpoint
+from train.checkpoint import TrainState, detached_state_dict, load_checkpoint, make_meta, save_checkpoint
 from train.data import derive_seed, steps_per_epoch, train_batches
 from train.loop import make_optimizer, train_one_epoch, validate
 from train.models import build_model, model_spec
@@ -55,38 +54,23 @@ def run_fingerprint(params: Params, summary: ShardSummary, init: dict[str, Any])
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def _fresh_state(fingerprint: str) -> dict[str, Any]:
-    return {
-        "fingerprint": fingerprint,
-        "epoch": 0,  # epochs completed
-        "optimizer": None,
-        "best_state": None,
-        "best_epoch": 0,
-        "best_val_loss": float("inf"),
-        "best_score": list(selection.WORST),
-        "bad_epochs": 0,
-        "history": [],
-        "finished": False,
-    }
-
-
-def _resume_state(last: Path, fingerprint: str, rt: Runtime) -> tuple[dict[str, Any], dict | None]:
+def _resume_state(last: Path, fingerprint: str, rt: Runtime) -> tuple[TrainState, dict | None]:
     """(state, model weights) from last.pt when it belongs to this very run, else a fresh start."""
     if not last.is_file():
-        return _fresh_state(fingerprint), None
+        return TrainState(fingerprint), None
     try:
         ckpt = load_checkpoint(last)
     except CxrError as exc:
         if rt.is_main:
             print(f"[train] ignoring unreadable {last} ({exc}); starting fresh", flush=True)
-        return _fresh_state(fingerprint), None
+        return TrainState(fingerprint), None
     if ckpt.extra.get("fingerprint") != fingerprint:
         if rt.is_main:
             print(f"[train] {last} is from another run (params or data differ); starting fresh", flush=True)
-        return _fresh_state(fingerprint), None
+        return TrainState(fingerprint), None
     if rt.is_main:
         print(f"[train] resuming from {last} after epoch {ckpt.extra['epoch']}", flush=True)
-    return dict(ckpt.extra), ckpt.state_dict
+    return TrainState.from_dict(ckpt.extra), ckpt.state_dict
 
 
 def _meta(params: Params, summary: ShardSummary, init: dict, threshold: dict, epoch: int, val_loss: float | None,
@@ -163,7 +147,7 @@ def _train(params: Params, summary: ShardSummary, out_dir: Path, live_dir: Path,
         shared = [state, weights]
         dist.broadcast_object_list(shared, src=0)
         state, weights = shared
-    resumed_from = state["epoch"]
+    resumed_from = state.epoch
     if rt.is_main:
         # best.pt is only written once training ends; one present now belongs to
         # an earlier run and must not outlive a crash of this one.
@@ -180,8 +164,8 @@ def _train(params: Params, summary: ShardSummary, out_dir: Path, live_dir: Path,
     net = net.to(rt.device, memory_format=torch.channels_last if rt.channels_last else torch.preserve_format)
     lr = tp.lr if tp.lr is not None else model_spec(params.model).default_lr
     optimizer = make_optimizer(net, lr)
-    if state["optimizer"] is not None:
-        optimizer.load_state_dict(state["optimizer"])
+    if state.optimizer is not None:
+        optimizer.load_state_dict(state.optimizer)
     model: torch.nn.Module = net
     if rt.distributed:
         model = DistributedDataParallel(net, device_ids=[rt.local_rank] if rt.device.type == "cuda" else None)
@@ -190,14 +174,14 @@ def _train(params: Params, summary: ShardSummary, out_dir: Path, live_dir: Path,
 
     class_weights = torch.tensor(summary.class_weights("train"), dtype=torch.float32, device=rt.device)
     steps = steps_per_epoch(summary.split("train").count, tp.batch_size, rt.world_size, tp.max_steps)
-    live = _open_live(live_dir, state["history"]) if rt.is_main else None
+    live = _open_live(live_dir, state.history) if rt.is_main else None
     if rt.is_main:
         print(f"[train] {params.model} on {summary.location} ({summary.variant}); {rt.describe()}; "
               f"{steps} steps/epoch, lr {lr:g}; init {_describe_init(init_record, tp.freeze)}", flush=True)
     steps_done = 0
     rates: list[float] = []
-    while not state["finished"]:
-        epoch = state["epoch"]  # 0-based index of the epoch about to run
+    while not state.finished:
+        epoch = state.epoch  # 0-based index of the epoch about to run
         torch.manual_seed(derive_seed("torch", params.seed, epoch, rt.rank))  # dropout
         generator = torch.Generator(device=rt.device).manual_seed(derive_seed("augment", params.seed, epoch, rt.rank))
         batches = train_batches(
@@ -216,26 +200,25 @@ def _train(params: Params, summary: ShardSummary, out_dir: Path, live_dir: Path,
                        batch_size=params.evaluate.batch_size, num_workers=tp.num_workers)
         val_loss, val_accuracy, val_auc = broadcast_floats(rt, [val.loss, val.accuracy, _auc(val.labels, val.probs)])
         epoch_score = selection.score(tp.select, val_loss, None if math.isnan(val_auc) else val_auc)
-        if selection.improved(epoch_score, state["best_score"]):
+        if selection.improved(epoch_score, state.best_score):
             # only rank 0 writes checkpoints, so only it keeps a copy of the best weights
-            best = detached_state_dict(net) if rt.is_main else None
-            state.update(best_state=best, best_epoch=epoch + 1, best_val_loss=val_loss, best_score=epoch_score,
-                         bad_epochs=0)  # fmt: skip
+            state.best_state = detached_state_dict(net) if rt.is_main else None
+            state.best_epoch, state.best_val_loss, state.best_score, state.bad_epochs = epoch + 1, val_loss, epoch_score, 0
         else:
-            state["bad_epochs"] += 1
-        early = state["bad_epochs"] >= max(tp.patience, 1)
+            state.bad_epochs += 1
+        early = state.bad_epochs >= max(tp.patience, 1)
         record = {
             "epoch": epoch + 1, "train_loss": stats.loss, "val_loss": val_loss, "val_accuracy": val_accuracy,
             "val_auc": val_auc,
             "lr": optimizer.param_groups[0]["lr"], "images_per_s": stats.images_per_s,
-            "data_wait_fraction": stats.data_wait_fraction, "best_val_loss": state["best_val_loss"],
+            "data_wait_fraction": stats.data_wait_fraction, "best_val_loss": state.best_val_loss,
             "steps": stats.steps,
         }
-        state.update(epoch=epoch + 1, optimizer=optimizer.state_dict(), history=state["history"] + [record],
-                     finished=early or epoch + 1 >= tp.epochs, early_stopped=early)
+        state.epoch, state.optimizer, state.history = epoch + 1, optimizer.state_dict(), state.history + [record]
+        state.finished, state.early_stopped = early or epoch + 1 >= tp.epochs, early
         if rt.is_main:
             save_checkpoint(out_dir / LAST_NAME, _meta(params, summary, init_record, {}, epoch + 1, val_loss),
-                            detached_state_dict(net), state)
+                            detached_state_dict(net), state.to_dict())
             _log_epoch(live, record)
             print(f"[train] epoch {epoch + 1}: train_loss {stats.loss:.4f} val_loss {val_loss:.4f} "
                   f"val_acc {val_accuracy:.3f} {stats.images_per_s:.1f} img/s "
@@ -266,29 +249,29 @@ def _describe_init(record: dict[str, Any], freeze: str) -> str:
     return text + (", backbone frozen" if freeze == "backbone" else "")
 
 
-def _finish(params, summary, init, out_dir, rt, net, state, class_weights) -> dict[str, Any]:
+def _finish(params, summary, init, out_dir, rt, net, state: TrainState, class_weights) -> dict[str, Any]:
     """Best weights -> validation probabilities (fp32 forward) -> calibration -> threshold -> best.pt."""
-    if state["best_state"] is None:
+    if state.best_state is None:
         raise CxrError("training ended without a single validated epoch")
-    net.load_state_dict(state["best_state"])
+    net.load_state_dict(state.best_state)
     val = validate(net, summary, "val", rt=rt, class_weights=class_weights,
                    batch_size=params.evaluate.batch_size, num_workers=params.train.num_workers, precise=True)
     # Calibration first, threshold after: the threshold is a calibrated probability.
     cal = calibration.fit_platt(val.labels, val.probs)
     threshold = choose_threshold(val.labels, calibration.apply(val.probs, cal), params.evaluate.threshold_rule,
                                  params.evaluate.target_sensitivity)
-    chosen = selection.selection_report(params.train.select, state["best_epoch"], val.labels, val.probs,
+    chosen = selection.selection_report(params.train.select, state.best_epoch, val.labels, val.probs,
                                         val.patients, class_weights.tolist(), params.evaluate.bootstrap,
                                         params.seed)  # fmt: skip
-    meta = _meta(params, summary, init, threshold, state["best_epoch"], state["best_val_loss"], cal, chosen)
-    save_checkpoint(out_dir / BEST_NAME, meta, state["best_state"], extra={})
+    meta = _meta(params, summary, init, threshold, state.best_epoch, state.best_val_loss, cal, chosen)
+    save_checkpoint(out_dir / BEST_NAME, meta, state.best_state, extra={})
     return {
-        "epochs_run": state["epoch"],
-        "early_stopped": bool(state.get("early_stopped", False)),
-        "best_epoch": state["best_epoch"],
-        "best_val_loss": state["best_val_loss"],
+        "epochs_run": state.epoch,
+        "early_stopped": state.early_stopped,
+        "best_epoch": state.best_epoch,
+        "best_val_loss": state.best_val_loss,
         "threshold": threshold,
         "calibration": cal,
         "selection": chosen,
-        "history": state["history"],
+        "history": state.history,
     }
