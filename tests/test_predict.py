@@ -249,3 +249,19 @@ def test_rows_are_streamed_so_a_crash_keeps_the_decided_ones(tmp_path, inputs, c
         predict_module.predict([str(inputs / n) for n in ("a.png", "b16.png", "d.tiff")], checkpoint=checkpoint,
                                out_csv=out, batch_size=2, workers=1, device=torch.device("cpu"), progress=False)  # fmt: skip
     assert set(read_rows(out)) == {str(inputs / "a.png"), str(inputs / "b16.png")}
+
+
+def test_a_second_run_on_the_same_csv_is_refused_and_leaves_the_first_runs_rows(tmp_path, inputs, checkpoint):
+    import fcntl
+
+    out = tmp_path / "pred.csv"
+    first = run(str(inputs / "a.png"), "--model", str(checkpoint), "--out", str(out))
+    assert first.exit_code == 0, first.output
+    written = out.read_bytes()
+    with open(out, "rb") as held:  # stands in for a run still writing this CSV
+        fcntl.flock(held, fcntl.LOCK_EX)
+        second = run(str(inputs / "a.png"), "--model", str(checkpoint), "--out", str(out))
+    assert second.exit_code == 1 and "another run is writing" in second.output
+    assert out.read_bytes() == written  # neither truncated nor interleaved
+    again = run(str(inputs / "a.png"), "--model", str(checkpoint), "--out", str(out))
+    assert again.exit_code == 0 and out.read_bytes() == written  # the lock went with its holder

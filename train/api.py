@@ -25,7 +25,6 @@ from pathlib import Path
 from typing import Any, Union
 
 import numpy as np
-import torch
 
 from pipeline.errors import CxrError
 from pipeline.preprocess import PreprocessConfig, preprocess_array
@@ -33,7 +32,9 @@ from pipeline.shard_format import CLASS_NAMES
 from train.calibration import apply as calibrate
 from train.gradcam import gradcam_heatmaps
 from train.metrics import predict_labels
+from train.models import model_input
 from train.predict import _load_or_reason, _open_model, collect_inputs
+from train.runtime import pick_device
 
 Input = Union[str, Path, np.ndarray]
 
@@ -66,12 +67,7 @@ class Screener:
     def __init__(self, model: str | Path, *, checkpoint: str | Path | None = None, device: str = "auto",
                  engine: str = "auto"):  # fmt: skip
         model = Path(model)
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        try:
-            self.device = torch.device(device)
-        except RuntimeError as exc:
-            raise CxrError(f"invalid device {device!r}: {exc}") from None
+        self.device = pick_device(device)
         onnx = model.suffix.lower() == ".onnx"
         self._can_explain = not onnx or checkpoint is not None
         self._model = _open_model(Path(checkpoint) if onnx and checkpoint else model, model if onnx else None,
@@ -126,7 +122,7 @@ class Screener:
         probs = calibrate(raw, self.calibration)
         maps: Iterable[np.ndarray | None] = [None] * len(ok)
         if heatmaps and ok:
-            x = torch.from_numpy(images[:, None]).to(self.device).float().div_(255.0)
+            x = model_input(images, self.device)
             maps = gradcam_heatmaps(self._model.cam_model, x)
         scored = {name: (float(p), float(r), img, m) for (name, img), p, r, m in zip(ok, probs, raw, maps)}
         out = []

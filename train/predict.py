@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import fcntl
 import glob
 import hashlib
 import os
@@ -284,9 +285,18 @@ def _csv_rows(path: Path) -> Iterator[Callable[..., None]]:
             raise CxrError(f"refusing to overwrite {path}: it is not a CSV written by `cxr predict`")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fh = open(path, "w", newline="", encoding="utf-8")
+        # Opened without truncating, locked, then emptied: a second run on the same CSV stops
+        # with a clear line instead of interleaving its rows (flock: the kernel drops it with the process).
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o644)
     except OSError as exc:
         raise CxrError(f"cannot write {path}: {exc.strerror or exc}") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise CxrError(f"another run is writing {path}; wait for it to finish or pass another --out") from None
+    os.ftruncate(fd, 0)
+    fh = os.fdopen(fd, "w", newline="", encoding="utf-8")
     with fh:
         writer = csv.DictWriter(fh, fieldnames=CSV_COLUMNS)
 

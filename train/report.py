@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.errors import CxrError
+from pipeline.fileio import atomic_write_text
 from pipeline.names import MODEL_DISPLAY, MODEL_NAMES, VARIANTS
 from train.report_validity import init_text, spread_section, validity_section
 from train.runs import Run, best_by_pair, get
@@ -232,6 +233,5 @@ def write_report(
             "no runs with metrics found: run `dvc exp run` (or pass --runs DIR with eval.json/latency.json)." + why
         )
     text = render(runs, published, at)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(text)
+    atomic_write_text(out, text)
     return text
