@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 import threading
 import time
 from pathlib import Path
@@ -127,6 +128,16 @@ def test_a_cache_others_can_write_is_not_used(ckpt, cache, tmp_path):
     (private / f"{ckpt.file_sha256()}.onnx").symlink_to(cache / f"{ckpt.file_sha256()}.onnx")
     with pytest.raises(CxrError, match="not a plain file"):
         cached_onnx(ckpt, private)
+
+
+def test_without_onnxruntime_auto_screens_eagerly_and_says_why(ckpt, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # `import onnxruntime` now raises ImportError
+    engine = Engine(ckpt, "auto", torch.device("cpu"), tmp_path / "cache")
+    assert engine.path == "eager" and "onnxruntime is not installed" in engine.note
+    x = images(2)
+    np.testing.assert_allclose(engine.probabilities(x), eager_probabilities(ckpt, x), rtol=0, atol=1e-6)
+    with pytest.raises(CxrError, match="engine onnxruntime was asked for: .*onnxruntime is not installed"):
+        Engine(ckpt, "onnxruntime", torch.device("cpu"), tmp_path / "cache")
 
 
 def test_eager_never_exports(ckpt, tmp_path):

@@ -108,7 +108,10 @@ class Engine:
             self._fall_back(f"ONNX Runtime unavailable ({exc})")
 
     def _session(self, ckpt: Checkpoint, cache_dir: Path):
-        import onnxruntime as ort
+        try:
+            import onnxruntime as ort
+        except ImportError as exc:  # a declared dependency, but an image built without it still screens
+            raise CxrError(f"onnxruntime is not installed ({exc})") from None
 
         from train.export import onnx_session
 
