@@ -76,3 +76,18 @@ def test_report_needs_each_runs_predictions(tmp_path):
     result = CliRunner().invoke(app, ["report", "--runs", str(runs.parent), "--out", str(tmp_path / "t.md"),
                                       "--misclassified", str(tmp_path / "f.png")])  # fmt: skip
     assert result.exit_code == 1 and "predictions_test.csv" in result.output
+
+
+def test_evaluate_draws_fig8_from_shards_at_a_url(tmp_path, http_root):
+    from train.misclassified import FIGURE_NAME
+
+    root, url = http_root
+    shards = make_tiny_shards(root / "plain", size=SIZE)
+    ckpt = _checkpoint(tmp_path / "best.pt", "plain", read_summary(shards).preprocess)
+    figures = tmp_path / "figures"
+    result = CliRunner().invoke(app, ["evaluate", "--model", str(ckpt), "--shards", f"{url}/plain",
+                                      "--out", str(tmp_path / "eval.json"), "--figures", str(figures),
+                                      "--params", str(_params_file(tmp_path))])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "eval.json").read_text())["shards"] == f"{url}/plain"
+    assert (figures / FIGURE_NAME).stat().st_size > 0

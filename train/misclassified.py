@@ -95,7 +95,7 @@ def overlays_for(model: torch.nn.Module, images: dict[str, np.ndarray], device: 
     return {k: overlay(images[k], heat) for k, heat in zip(keys, gradcam_heatmaps(model, x))}
 
 
-def model_figure(model: torch.nn.Module, name: str, shards_dir: Path, keys: Sequence[str], labels: np.ndarray,
+def model_figure(model: torch.nn.Module, name: str, shards_dir: Path | str, keys: Sequence[str], labels: np.ndarray,
                  probs: np.ndarray, threshold: float, captions: Sequence[str], out: Path, per_kind: int = 4,
                  device: torch.device | None = None) -> Path:  # fmt: skip
     """`evaluate`'s Fig. 8: one checkpoint's most confident false negatives and false positives on test."""
@@ -116,7 +116,8 @@ def evaluate_figure(checkpoint_path: Path, result, out: Path, device: torch.devi
     test = result.test
     captions = [f"{m.get('source', '')} {m.get('filename', '')}".strip() for m in test.meta]
     threshold = float(result.report["threshold"]["value"])
-    return model_figure(ckpt.build(), ckpt.model_name, Path(result.report["shards"]), test.keys, test.labels,
+    # the shards as evaluate read them: a folder or a URL (Path() would fold a URL's "//")
+    return model_figure(ckpt.build(), ckpt.model_name, result.report["shards"], test.keys, test.labels,
                         test.probs, threshold, captions, out, device=device)  # fmt: skip
 
 
