@@ -8,6 +8,7 @@ touched, and every failure is one clean line.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import io
@@ -339,12 +340,16 @@ def test_shard_killed_anywhere_then_rerun_gives_byte_identical_shards(tmp_path):
     # Kill once while a shard is being written (a temp file exists), once after a shard was committed.
     for ready in (lambda: any(p.name.endswith(".tmp") for p in out.iterdir()),
                   lambda: any(p.name.endswith(".tar") for p in out.iterdir())):  # fmt: skip
-        proc = subprocess.Popen(_shard_cmd(data, out), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        # Its own process group, killed whole (as `kill -9` of the job): the pool's forkserver and
+        # workers die with it instead of living on as orphans of the test run.
+        proc = subprocess.Popen(_shard_cmd(data, out), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                start_new_session=True)  # fmt: skip
         deadline = time.monotonic() + 120
         while not (out.is_dir() and ready()) and proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.005)
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=60)
         assert not (out / "summary.json").exists(), "the run finished before it could be killed"
     subprocess.run(_shard_cmd(data, out), check=True, env=env, capture_output=True)
     assert {p.name: p.read_bytes() for p in out.iterdir()} == reference  # no temp left, same bytes
