@@ -95,7 +95,7 @@ def shard_images(location: Path | str, keys: set[str]) -> dict[str, np.ndarray]:
     paths = [path for split in SPLITS for path in summary.shard_paths(split)]
     for path in tqdm(paths, desc=f"read {summary.variant} shards", unit="shard", leave=False, disable=len(paths) < 8):
         if len(found) < len(keys):  # stop reading once every key is found
-            source = {"fileobj": io.BytesIO(read_shard(path, sha256[path]))} if is_url(path) else {"name": path}
+            source = {"fileobj": io.BytesIO(read_shard(path, sha256[path], summary.shard_byte_limit))} if is_url(path) else {"name": path}
             with tarfile.open(**source) as tar:
                 for member in tar:
                     key, _, ext = member.name.partition(".")

@@ -50,6 +50,18 @@ PNG_PARAMS = [
 ]  # fmt: skip
 
 
+# Reads are bounded by bytes before anything is kept in memory: a summary (16k images list in
+# well under 1 MB) and a shard, whose bound follows from the params the shard stage wrote it with.
+MAX_SUMMARY_BYTES = 64 * 2**20
+# The shard stage rolls a shard over before its counted bytes pass shard.max_bytes, except that a
+# shard's first sample is always written, so one sample may exceed it alone. A sample is its PNG
+# (at most 2 x size^2 bytes for a size x size uint8 image, whatever zlib does), a small JSON, and
+# tar's 512-byte header plus padding for each of its 3 members; the archive is padded to 10 KiB.
+TAR_ALLOWANCE_PER_SAMPLE = 16 * 1024
+TAR_SLACK = 2**20
+# Summaries that do not record the bounds (older ones, hand-made fixtures) get this one.
+MAX_SHARD_BYTES_UNRECORDED = 2**30
+
 REJECTS_NAME = "rejects.json"  # written instead of the summary when too many images are rejected
 # Every name the shard stage writes in a variant folder, and so the only names it may delete there.
 OWN_NAMES = (re.compile(rf"(?:{'|'.join(SPLITS)})-\d{{6}}\.tar"), re.compile(re.escape(SUMMARY_NAME)),
@@ -127,6 +139,15 @@ class ShardSummary:
     preprocess: dict[str, Any]
     raw: dict[str, Any]
 
+    @property
+    def shard_byte_limit(self) -> int:
+        """The most bytes any shard of this variant can hold, from the bounds it was written with."""
+        params, size = self.raw["params"], self.preprocess.get("size")
+        if "max_bytes" not in params or "max_count" not in params or not (_is_count(size) and size > 0):
+            return MAX_SHARD_BYTES_UNRECORDED
+        one_sample = 2 * size * size + TAR_ALLOWANCE_PER_SAMPLE
+        return max(params["max_bytes"], one_sample) + params["max_count"] * TAR_ALLOWANCE_PER_SAMPLE + TAR_SLACK
+
     def shard_paths(self, split: str) -> list[str]:
         """Where the split's shards are: local paths or URLs, in write order."""
         return [join_location(self.location, s["name"]) for s in self.split(split).shards]
@@ -170,31 +191,42 @@ def join_location(location: str | Path, name: str) -> str:
     return str(Path(location) / name)
 
 
-def read_bytes(location: str | Path) -> bytes:
-    """A whole file from a local path or a URL (through fsspec)."""
+def read_bytes(location: str | Path, limit: int) -> bytes:
+    """A whole file from a local path or a URL (through fsspec), refused past `limit` bytes.
+
+    At most limit + 1 bytes are ever read, whatever size the server or file system claims."""
+    too_big = CxrError(f"{location} is larger than the {limit} bytes allowed for it; refusing it")
     if not is_url(location):
         try:
-            return Path(location).read_bytes()
+            with open(location, "rb") as fh:
+                data = fh.read(limit + 1)
         except OSError as exc:
             raise CxrError(f"cannot read {location}: {exc.strerror or exc}") from None
+        if len(data) > limit:
+            raise too_big
+        return data
     import fsspec  # only for URLs: local runs never import it
 
     try:
         with fsspec.open(str(location), "rb") as fh:
-            return fh.read()
+            data = fh.read(limit + 1)
     except ImportError as exc:  # fsspec names the backend package to install (s3fs, gcsfs, ...)
         raise CxrError(f"cannot read {location}: {exc}") from None
     except Exception as exc:  # network, HTTP status and permission errors come in many types per backend
         raise CxrError(f"cannot read {location}: {type(exc).__name__}: {exc}") from None
+    if len(data) > limit:
+        raise too_big
+    return data
 
 
-def read_shard(location: str, sha256: str) -> bytes:
+def read_shard(location: str, sha256: str, limit: int) -> bytes:
     """A shard's bytes, refused unless they hash to the sha256 in the summary.
 
-    The whole shard is read before any sample is decoded (shards are a few MB,
-    at most shard.max_bytes), so a tampered or truncated shard never reaches a model.
+    The whole shard is read before any sample is decoded (shards are a few MB; `limit`, the
+    summary's `shard_byte_limit`, bounds the memory), so a tampered or truncated shard never
+    reaches a model.
     """
-    data = read_bytes(location)
+    data = read_bytes(location, limit)
     got = hashlib.sha256(data).hexdigest()
     if got != sha256:
         raise CxrError(
@@ -255,7 +287,7 @@ def read_summary(location: Path | str) -> ShardSummary:
     if not is_url(location) and not Path(path).is_file():
         raise CxrError(f"no shard summary at {path}: run the shard stage first (dvc repro shard)")
     try:
-        raw = json.loads(read_bytes(path))
+        raw = json.loads(read_bytes(path, MAX_SUMMARY_BYTES))
     except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError
         raise CxrError(f"{path} is not a readable shard summary: {exc}") from None
     splits = _check_summary(raw, path)
@@ -281,6 +313,9 @@ def _check_summary(raw: Any, path: str) -> dict[str, SplitInfo]:
     need(raw.get("variant") in VARIANTS, f"variant must be one of {list(VARIANTS)}")
     need(isinstance(raw.get("params"), dict) and isinstance(raw["params"].get("preprocess"), dict),
          "params.preprocess missing")  # fmt: skip
+    for bound in ("max_bytes", "max_count"):  # they bound every shard read: positive counts or absent
+        need(bound not in raw["params"] or (_is_count(raw["params"][bound]) and raw["params"][bound] > 0),
+             f"params.{bound} must be a positive count")  # fmt: skip
     need(isinstance(raw.get("splits"), dict) and set(raw["splits"]) <= set(SPLITS), f"splits must be among {SPLITS}")
     splits = {}
     for name, info in raw["splits"].items():
@@ -304,13 +339,14 @@ def _check_summary(raw: Any, path: str) -> dict[str, SplitInfo]:
 def verify_shards(location: Path | str) -> dict[str, Any]:
     """Check every shard of a variant (folder or URL) against the sha256 in its summary; CxrError names the bad."""
     summary = read_summary(location)
+    limit = summary.shard_byte_limit
     bad, checked = [], 0
     for split in summary.splits:
         for shard in summary.split(split).shards:
             where = join_location(summary.location, shard["name"])
             if is_url(where):
                 try:
-                    found = hashlib.sha256(read_bytes(where)).hexdigest()
+                    found = hashlib.sha256(read_bytes(where, limit)).hexdigest()
                 except CxrError:
                     found = "missing"
             else:

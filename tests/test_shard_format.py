@@ -13,6 +13,7 @@ import pytest
 
 from pipeline.errors import CxrError
 from pipeline.shard_format import (
+    MAX_SHARD_BYTES_UNRECORDED,
     SUMMARY_NAME,
     decode_sample,
     encode_png,
@@ -20,6 +21,7 @@ from pipeline.shard_format import (
     is_url,
     join_location,
     make_summary,
+    read_bytes,
     read_shard,
     read_summary,
     split_record,
@@ -101,7 +103,7 @@ def test_summary_and_shards_read_over_http_as_from_the_folder(http_root):
     assert len(sha) == 6
     assert sha[f"{url}/plain/val-000001.tar"] == local.shard_sha256()[str(root / "plain" / "val-000001.tar")]
     first = remote.shard_paths("train")[0]
-    assert read_shard(first, sha[first]) == (root / "plain" / "train-000000.tar").read_bytes()
+    assert read_shard(first, sha[first], remote.shard_byte_limit) == (root / "plain" / "train-000000.tar").read_bytes()
 
 
 def test_an_altered_shard_is_refused_wherever_it_is_read_from(http_root):
@@ -112,7 +114,7 @@ def test_an_altered_shard_is_refused_wherever_it_is_read_from(http_root):
     shard.write_bytes(shard.read_bytes()[:-512])  # truncated in storage
     for where in (str(shard), f"{url}/plain/test-000000.tar"):
         with pytest.raises(CxrError, match=r"test-000000.tar: sha256 .* differs .*refusing it"):
-            read_shard(where, expected)
+            read_shard(where, expected, 10**6)
 
 
 def test_missing_summary_and_missing_backend_are_one_line_errors(http_root, tmp_path: Path):
@@ -144,3 +146,35 @@ def test_verify_checks_shards_at_a_url_and_names_the_changed_one(http_root):
     bad = CliRunner().invoke(app, ["verify", f"{url}/plain"])
     assert bad.exit_code == 1 and "2 of 6 shard(s) do not match" in bad.output
     assert "val-000001.tar" in bad.output and "test-000000.tar (missing)" in bad.output
+
+
+def test_reads_stop_at_their_byte_bound_locally_and_over_http(http_root):
+    """A shard or summary larger than its bound is refused after reading at most bound + 1 bytes,
+    before it is hashed or parsed: a hostile server cannot make a reader hold more."""
+    root, url = http_root
+    make_tiny_shards(root / "plain")
+    shard = root / "plain" / "train-000000.tar"
+    size = shard.stat().st_size
+    sha = hashlib.sha256(shard.read_bytes()).hexdigest()
+    for where in (str(shard), f"{url}/plain/train-000000.tar"):
+        assert read_shard(where, sha, size) == shard.read_bytes()  # exactly at the bound: fine
+        with pytest.raises(CxrError, match=rf"train-000000.tar is larger than the {size - 1} bytes allowed"):
+            read_shard(where, sha, size - 1)
+        with pytest.raises(CxrError, match="larger than the 10 bytes allowed"):
+            read_bytes(where, 10)
+
+
+def test_the_shard_bound_comes_from_the_summary_and_is_validated(tmp_path: Path):
+    make_tiny_shards(tmp_path / "plain", size=64)
+    path = tmp_path / "plain" / SUMMARY_NAME
+    raw = json.loads(path.read_text())
+    assert read_summary(tmp_path / "plain").shard_byte_limit == MAX_SHARD_BYTES_UNRECORDED  # bounds not recorded
+    raw["params"].update(max_bytes=5000, max_count=3)
+    path.write_text(json.dumps(raw))
+    # max(5000, one 64x64 sample: 2 * 64 * 64 + 16 KiB) + 3 samples' tar allowance + 1 MiB
+    assert read_summary(tmp_path / "plain").shard_byte_limit == (2 * 64 * 64 + 16384) + 3 * 16384 + 2**20
+    for bad in (0, -1, True, "100", 1.5):
+        raw["params"]["max_bytes"] = bad
+        path.write_text(json.dumps(raw))
+        with pytest.raises(CxrError, match="params.max_bytes must be a positive count"):
+            read_summary(tmp_path / "plain")

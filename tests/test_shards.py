@@ -1,3 +1,4 @@
+import hashlib
 import io
 import json
 import shutil
@@ -16,7 +17,7 @@ from pipeline.fileio import sha256_file
 from pipeline.manifest import build_manifest
 from pipeline.params import ShardParams, load_params
 from pipeline.preprocess import PreprocessConfig, preprocess_bytes
-from pipeline.shard_format import read_summary
+from pipeline.shard_format import read_shard, read_summary
 from pipeline.shards import balanced_count, write_variant
 
 PARAMS = load_params("params.yaml")
@@ -73,12 +74,12 @@ def make_dataset(root: Path, n=16, seed=0) -> Path:
     return root
 
 
-def shard(root: Path, out: Path, variant="equalized", workers=2, max_count=5, max_reject=0.5, tmp=None):
+def shard(root: Path, out: Path, variant="equalized", workers=2, max_count=5, max_reject=0.5, tmp=None, max_bytes=10**8):
     tmp = tmp or out.parent
     build_manifest(root, tmp / "m.jsonl", tmp / "r.json", val_fraction=0.2, seed=3, max_reject_fraction=1.0)
     return write_variant(
         tmp / "m.jsonl", tmp / "r.json", out, variant, PARAMS.preprocess,
-        ShardParams(max_count=max_count, max_bytes=10**8, workers=workers),
+        ShardParams(max_count=max_count, max_bytes=max_bytes, workers=workers),
         max_reject_fraction=max_reject, seed=3, show_progress=False,
     )
 
@@ -123,6 +124,21 @@ def test_shards_mix_classes_and_respect_count_bound(tmp_path):
     _, samples = read_all(tmp_path / "out")
     first = [int(s["cls"]) for k, (split, s) in samples.items() if split == "train"][:5]
     assert set(first) == {0, 1}
+
+
+def test_every_shard_written_fits_the_byte_bound_readers_enforce(tmp_path):
+    """Readers refuse a shard past `shard_byte_limit`: the bound must hold for what the stage writes,
+    both when the byte bound rolls shards over (each sample alone exceeds it) and when the count does."""
+    root = make_dataset(tmp_path / "raw")
+    for max_bytes, max_count in ((1, 5), (10**8, 5), (60_000, 4)):
+        out = tmp_path / f"out-{max_bytes}"
+        (tmp_path / f"work-{max_bytes}").mkdir()
+        shard(root, out, workers=1, max_count=max_count, max_bytes=max_bytes, tmp=tmp_path / f"work-{max_bytes}")
+        summary = read_summary(out)
+        sizes = [p.stat().st_size for p in out.glob("*.tar")]
+        assert sizes and max(sizes) <= summary.shard_byte_limit < 2 * max(max_bytes, 10**6) + 2**21
+        for url, sha in summary.shard_sha256().items():  # and the reader takes each of them
+            assert hashlib.sha256(read_shard(url, sha, summary.shard_byte_limit)).hexdigest() == sha
 
 
 def test_shards_of_a_split_come_out_the_same_size(tmp_path):

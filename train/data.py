@@ -38,11 +38,11 @@ class VerifiedTarSamples:
     URL), hashed, and only then expanded, so no sample of an altered shard is used.
     """
 
-    def __init__(self, sha256: dict[str, str]):
-        self.sha256 = sha256
+    def __init__(self, summary: ShardSummary):
+        self.sha256, self.limit = summary.shard_sha256(), summary.shard_byte_limit
 
     def __call__(self, src: Iterator[dict[str, str]]) -> Iterator[dict[str, Any]]:
-        streams = ({"url": item["url"], "stream": io.BytesIO(read_shard(item["url"], self.sha256[item["url"]]))}
+        streams = ({"url": item["url"], "stream": io.BytesIO(read_shard(item["url"], self.sha256[item["url"]], self.limit))}
                    for item in src)
         files = wds.tariterators.tar_file_expander(streams, handler=_shard_error)
         return wds.tariterators.group_by_keys(files, handler=_shard_error)
@@ -153,7 +153,7 @@ def train_batches(
         ShardCycle(summary.shard_paths("train"), seed, epoch),
         SplitByRank(rank, world_size),
         wds.split_by_worker,
-        VerifiedTarSamples(summary.shard_sha256()),
+        VerifiedTarSamples(summary),
         WorkerShuffle(shuffle_buffer, seed, epoch, rank),
         wds.map(decode_sample),
         wds.batched(batch_size, collation_fn=collate, partial=False),
@@ -188,7 +188,7 @@ def eval_batches(summary: ShardSummary, split: str, batch_size: int, num_workers
     dataset = wds.DataPipeline(
         wds.SimpleShardList(urls),
         wds.split_by_worker,
-        VerifiedTarSamples(summary.shard_sha256()),
+        VerifiedTarSamples(summary),
         wds.map(decode_sample),
         wds.batched(batch_size, collation_fn=collate, partial=True),
     )
