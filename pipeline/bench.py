@@ -21,7 +21,7 @@ from PIL import Image, ImageOps
 
 from pipeline.imageio import ImageRejected, decode_grey
 from pipeline.manifest import build_manifest, read_manifest
-from pipeline.params import PreprocessParams, ShardParams
+from pipeline.params import DataParams, PreprocessParams, ShardParams
 from pipeline.preprocess import PreprocessConfig
 from pipeline.shard_worker import process_pool
 
@@ -67,16 +67,17 @@ def run_preprocess_benchmark(
 
     cfg = PreprocessConfig.for_variant(preprocess, variant)
     workers = shard.workers or os.cpu_count() or 1
+    data = DataParams(root=str(root), val_fraction=0.1, max_reject_fraction=1.0, leaks="report")  # time every image
     with tempfile.TemporaryDirectory(prefix="cxr-bench-") as tmp:
         tmp_dir = Path(tmp)
-        build_manifest(root, tmp_dir / "m.jsonl", tmp_dir / "r.json", 0.1, 0, max_reject_fraction=1.0)
+        build_manifest(root, tmp_dir / "m.jsonl", tmp_dir / "r.json", data, seed=0)
         paths = [str(root / e.path) for e in read_manifest(tmp_dir / "m.jsonl")]
         n = len(paths)
 
         def pipeline() -> None:
             write_variant(
                 tmp_dir / "m.jsonl", tmp_dir / "r.json", tmp_dir / "shards", variant, preprocess, shard,
-                max_reject_fraction=1.0, seed=0, show_progress=False,
+                data, seed=0, show_progress=False,
             )
 
         def floor() -> None:

@@ -118,10 +118,7 @@ def sample(
     from pipeline.sample import generate_sample
 
     p = _params(params)
-    if style == "shifted":
-        _echo_json(generate_sample(out, 0, p.sample.shifted_test_per_class, p.seed, style=style))
-    else:
-        _echo_json(generate_sample(out, p.sample.train_per_class, p.sample.test_per_class, p.seed, style=style))
+    _echo_json(generate_sample(out, p.sample, p.seed, style=style))
 
 
 @app.command(rich_help_panel=STAGES)
@@ -145,17 +142,7 @@ def ingest(
     from pipeline.manifest import build_manifest
 
     p = _params(params)
-    summary = build_manifest(
-        root=root or Path(p.data.root),
-        manifest_path=out,
-        report_path=report,
-        val_fraction=p.data.val_fraction,
-        seed=p.seed,
-        max_reject_fraction=p.data.max_reject_fraction,
-        show_progress=True,
-        leaks=p.data.leaks,
-    )
-    _echo_json(summary)
+    _echo_json(build_manifest(root or Path(p.data.root), out, report, p.data, p.seed, show_progress=True))
 
 
 @app.command(rich_help_panel=STAGES)
@@ -189,16 +176,8 @@ def shard(
     if variant is not None and variant not in VARIANTS:
         raise CxrError(f"unknown variant {variant!r}; valid: {', '.join(VARIANTS)}")
     variant = variant or ("equalized" if equalize else "plain")
-    summary = write_variant(
-        manifest_path=manifest,
-        ingest_report_path=ingest_report,
-        out_dir=out or Path("shards") / variant,
-        variant=variant,
-        preprocess=p.preprocess,
-        shard=p.shard,
-        max_reject_fraction=p.data.max_reject_fraction,
-        seed=p.seed,
-    )
+    summary = write_variant(manifest, ingest_report, out or Path("shards") / variant, variant, p.preprocess, p.shard,
+                            p.data, p.seed)  # fmt: skip
     _echo_json({k: summary[k] for k in ("variant", "counts", "reject_count")})
 
 
@@ -320,9 +299,10 @@ def bench_train(
     p = _params(params)
     _echo_json(
         run_train_benchmark(
-            p,
             shards or Path("shards") / p.variant,
             model,
+            p.train,
+            p.seed,
             steps,
             warmup,
             loader_images,
@@ -401,17 +381,12 @@ def evaluate(
     evaluate.prevalence, and under `inference` the engine that ran), the predictions CSV and the
     DVC plot files (ROC, PR, reliability, confusion).
     """
-    from train.evaluate import (
-        evaluate_external,
-        evaluate_shards,
-        external_test_items,
-        human_summary,
-        write_outputs,
-    )
+    from train.evaluate import evaluate_shards, headline, human_summary, write_outputs
+    from train.external import evaluate_external, external_test_items
 
     p = _params(params)
     if root is None:
-        result = evaluate_shards(model, shards, p.evaluate, p.seed, p.train.num_workers, engine, show_progress=True)
+        result = evaluate_shards(model, shards, p.evaluate, p.train, p.seed, engine, show_progress=True)
         predictions = predictions or Path("metrics/predictions_test.csv")
         plots = plots or Path("metrics/plots")
         figures = figures or Path("metrics/figures")
@@ -419,10 +394,9 @@ def evaluate(
         if shards is not None:
             raise CxrError("pass either --shards or --root, not both")
         items, rejects = external_test_items(root)
-        result = evaluate_external(
-            model, items, rejects, p.evaluate, p.seed, p.data.max_reject_fraction, p.train.num_workers, str(root),
-            engine=engine, show_progress=True, rejects_path=out.with_name(f"{out.stem}_rejects.json"),
-        )
+        rejects_path = out.with_name(f"{out.stem}_rejects.json")
+        result = evaluate_external(model, items, rejects, str(root), p.evaluate, p.data, p.train, p.seed, engine,
+                                   show_progress=True, rejects_path=rejects_path)  # fmt: skip
     write_outputs(result, out, predictions, plots)
     if figures is not None:
         if root is not None:
@@ -430,23 +404,8 @@ def evaluate(
         from train.misclassified import FIGURE_NAME, evaluate_figure
 
         evaluate_figure(model, result, figures / FIGURE_NAME)
-    r = result.report
-    _echo_json(
-        {
-            "out": str(out),
-            "n_test": r["n_test"],
-            "threshold": r["threshold"]["value"],
-            "accuracy": r["accuracy"],
-            "macro_f1": r["macro"]["f1"],
-            "roc_auc": r["roc_auc"],
-            "roc_auc_ci95": r["roc_auc_ci95"],
-            "sensitivity": r["sensitivity"],
-            "specificity": r["specificity"],
-            "engine": r["inference"]["engine"],
-            "calibration": {k: r["calibration"][k] for k in ("brier", "brier_uncalibrated", "ece", "ece_uncalibrated")},
-        }
-    )
-    typer.echo(human_summary(r, out), err=True)  # stderr: stdout stays JSON
+    _echo_json(headline(result.report, out))
+    typer.echo(human_summary(result.report, out), err=True)  # stderr: stdout stays JSON
 
 
 @app.command(rich_help_panel=STAGES)
@@ -465,15 +424,11 @@ def latency(
     on the machine shows up in the numbers (the load average is recorded).
     """
     from pipeline.fileio import atomic_write_json
-    from train.latency import latency_for_checkpoint
+    from train.latency import HEADLINE, latency_for_checkpoint, parse_paths
 
-    p = _params(params)
-    chosen = tuple(s.strip() for s in paths.split(",") if s.strip())
-    report = latency_for_checkpoint(model, p.latency, chosen, show_progress=True)
+    report = latency_for_checkpoint(model, _params(params).latency, parse_paths(paths), show_progress=True)
     atomic_write_json(out, report, indent=1)
-    keys = ("model", "params_m", "cpu_ms_per_image", "cpu_fastest_path", "cpu_fastest_ms_per_image", "floor_ms",
-            "cpu_fastest_ratio_to_floor", "gpu_ms_per_image")  # fmt: skip
-    _echo_json({k: report.get(k) for k in keys})
+    _echo_json({k: report.get(k) for k in HEADLINE})
 
 
 @app.command(rich_help_panel=STAGES)
@@ -549,26 +504,16 @@ def report(
     --misclassified, that PNG (Fig. 8 over the experiment set).
     """
     from train.report import load_published, write_report
-    from train.runs import exp_show_json, runs_from_dir, runs_from_exp_show
+    from train.runs import collect_runs, shown_runs
 
-    if runs is not None and exp_json is not None:
-        raise CxrError("pass either --runs or --exp-json, not both")
-    skipped: list[str] = []
-    if runs is not None:
-        found = runs_from_dir(runs)
-    else:
-        data = json.loads(exp_json.read_text()) if exp_json is not None else exp_show_json(Path.cwd())
-        found, skipped = runs_from_exp_show(data, eval_file, latency_file)
+    found, skipped = collect_runs(runs, exp_json, eval_file, latency_file, Path.cwd())
     write_report(found, out, load_published(), at, skipped)
     summary = {"out": str(out), "runs": [f"{r.label}: {r.model}/{r.variant}" for r in found], "skipped": skipped}
     if misclassified is not None:
         from train.misclassified import report_figure
-        from train.runs import best_by_pair
 
-        # The runs the tables show: per (model, variant), the best by validation.
-        shown = sorted(best_by_pair(found).values(), key=lambda r: (r.model, r.variant))
-        summary["misclassified"] = {"out": str(misclassified),
-                                    **report_figure(shown, Path.cwd(), shards_root, misclassified)}  # fmt: skip
+        figure = report_figure(shown_runs(found), Path.cwd(), shards_root, misclassified)
+        summary["misclassified"] = {"out": str(misclassified), **figure}
     _echo_json(summary)
 
 
@@ -650,13 +595,10 @@ def export(
     meta and sha256 in its metadata. Fails unless onnxruntime matches PyTorch within --tolerance
     in probability on seeded random inputs and the test images.
     """
-    from train.export import export_onnx, onnx_meta, onnx_session, shard_test_images
+    from train.export import export_onnx, export_summary, shard_test_images
 
     images = shard_test_images(verify_shards, verify_count) if verify_shards is not None else None
-    path = export_onnx(model, out, verify_images=images, tolerance=tolerance, show_progress=True)
-    meta = onnx_meta(onnx_session(path, providers=["CPUExecutionProvider"]), path)
-    _echo_json({"out": str(path), "model": meta["model"], "variant": meta["variant"],
-                "checkpoint_sha256": meta["checkpoint_sha256"], **meta["onnx"]})  # fmt: skip
+    _echo_json(export_summary(export_onnx(model, out, verify_images=images, tolerance=tolerance, show_progress=True)))
 
 
 

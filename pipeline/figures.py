@@ -17,27 +17,22 @@ known pixel size.
 from __future__ import annotations
 
 import csv
-import io
 import json
-import tarfile
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
-import cv2
 import numpy as np
 from matplotlib.figure import Figure
 from skimage import exposure, util
-from tqdm import tqdm
 
 from pipeline.errors import CxrError
-from pipeline.fileio import atomic_write_bytes
+from pipeline.fileio import save_figure
 from pipeline.imageio import DecodeLimits
 from pipeline.manifest import ManifestEntry, read_manifest
 from pipeline.preprocess import decode_image, to_grey_u8
-from pipeline.shard_format import CLASS_NAMES, SPLITS, is_url, read_shard, read_summary
+from pipeline.shard_format import CLASS_NAMES, SPLITS, read_summary, shard_images
 
-DPI = 100
 WIDTH_IN = 16.0
 EXAMPLE_ROW_IN = 3.0  # height of one example row in Figs. 2-3
 TITLE_IN = 0.6
@@ -50,14 +45,6 @@ FIGURE_NAMES = {
     "equalized": "contact_sheet_equalized.png",
 }
 CURVES_NAME = "training_curves.png"
-
-
-def save_figure(fig: Figure, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=DPI)
-    atomic_write_bytes(path, buf.getvalue())
-    return path
 
 
 def dimensions_figure(entries: list[ManifestEntry], out: Path, top: int = 25) -> Path:
@@ -84,25 +71,6 @@ def dimensions_figure(entries: list[ManifestEntry], out: Path, top: int = 25) ->
     scatter.set_title("every size (marker area ~ log frequency)")
     fig.suptitle("Fig. 1: raw image dimensions (from the headers read by ingest)")
     return save_figure(fig, out)
-
-
-def shard_images(location: Path | str, keys: set[str]) -> dict[str, np.ndarray]:
-    """The stored 224x224 images of `keys` from a variant's tars (the format of pipeline.shard_format),
-    in a folder or at a URL (a shard from a URL is checked against its sha256 before it is opened)."""
-    summary = read_summary(location)
-    sha256 = summary.shard_sha256()
-    found: dict[str, np.ndarray] = {}
-    paths = [path for split in SPLITS for path in summary.shard_paths(split)]
-    for path in tqdm(paths, desc=f"read {summary.variant} shards", unit="shard", leave=False, disable=len(paths) < 8):
-        if len(found) < len(keys):  # stop reading once every key is found
-            source = {"fileobj": io.BytesIO(read_shard(path, sha256[path], summary.shard_byte_limit))} if is_url(path) else {"name": path}
-            with tarfile.open(**source) as tar:
-                for member in tar:
-                    key, _, ext = member.name.partition(".")
-                    if ext == "png" and key in keys:
-                        data = np.frombuffer(tar.extractfile(member).read(), np.uint8)
-                        found[key] = cv2.imdecode(data, cv2.IMREAD_GRAYSCALE)
-    return found
 
 
 def pick_examples(entries: list[ManifestEntry], label: int, per_split: int, usable: set[str]) -> list[ManifestEntry]:

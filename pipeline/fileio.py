@@ -27,6 +27,7 @@ from pipeline.errors import CxrError
 TEMP_SUFFIX = ".tmp"
 LOCK_NAME = ".cxr.lock"
 _HASH_CHUNK = 1 << 20
+FIGURE_DPI = 100  # fixed, with fixed figure sizes in inches, so every PNG has a known pixel size
 
 
 def _describe(exc: OSError, path: Path) -> str:
@@ -97,6 +98,13 @@ def atomic_write_csv(path: Path | str, rows: Iterable[Sequence[Any]]) -> None:
     buffer = io.StringIO(newline="")
     csv.writer(buffer).writerows(rows)
     atomic_write_text(path, buffer.getvalue())
+
+
+def save_figure(fig: Any, path: Path | str, dpi: int = FIGURE_DPI) -> Path:
+    """A matplotlib Figure as a PNG, written atomically (duck-typed: this module imports no matplotlib)."""
+    with atomic_output(path) as stream:
+        fig.savefig(stream, format="png", dpi=dpi)
+    return Path(path)
 
 
 def sha256_file(path: Path | str) -> str:

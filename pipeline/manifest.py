@@ -31,6 +31,7 @@ from pipeline.errors import CxrError
 from pipeline.fileio import atomic_write_text
 from pipeline.imageio import Header, ImageRejected
 from pipeline.labels import LabelLine, open_inside, parse_label_file
+from pipeline.params import DataParams
 from pipeline.rejects import check_reject_fraction
 from pipeline.shard_format import CLASS_NAMES, SPLITS
 
@@ -197,13 +198,14 @@ def build_manifest(
     root: Path,
     manifest_path: Path,
     report_path: Path,
-    val_fraction: float,
+    data: DataParams,
     seed: int,
-    max_reject_fraction: float,
     show_progress: bool = False,
-    leaks: str = "report",
 ) -> dict[str, Any]:
+    """ROOT's label files -> the manifest and the ingest report (params: data.val_fraction,
+    data.max_reject_fraction, data.leaks and seed; ROOT is passed, data.root is only the CLI's default)."""
     root = Path(root)
+    val_fraction, leaks = data.val_fraction, data.leaks
     if not (root / "train.txt").is_file() or not (root / "test.txt").is_file():
         raise CxrError(f"{root} is not a COVIDx-layout root: it needs train.txt and test.txt (and train/, test/)")
     present = [s for s in SPLITS if (root / f"{s}.txt").is_file()]
@@ -268,7 +270,7 @@ def build_manifest(
     }
     if len(entries) + len(rejects) != total_lines:  # the no-silent-drop invariant
         raise CxrError(f"accounting error: {len(entries)} accepted + {len(rejects)} rejected != {total_lines} lines")
-    check_reject_fraction(rejects, total_lines, max_reject_fraction, "label lines", root,
+    check_reject_fraction(rejects, total_lines, data.max_reject_fraction, "label lines", root,
                           lambda message: _write_failed(report_path, report, rejects, message))  # fmt: skip
     atomic_write_text(manifest_path, "".join(json.dumps(asdict(e), sort_keys=True) + "\n" for e in entries))
     atomic_write_text(report_path, json.dumps(report | _rejects(rejects), indent=1, sort_keys=True) + "\n")

@@ -10,17 +10,19 @@ evaluation reader (train/data.py) and the test fixtures all encode and decode
 samples and summaries through it. It stays free of torch and webdataset, since
 the shard stage's pool workers import it.
 
-A variant's location is a local folder or a URL (http(s)://, s3://, gs://,
-file://, anything fsspec opens): summary.json is read from that same place, and
-every shard is checked against the sha256 the summary lists before any of its
-samples is used, so a shard altered in storage or in transit is refused.
+A variant's location is a local folder or a URL (pipeline/locations.py):
+summary.json is read from that same place, and every shard is checked against
+the sha256 the summary lists before any of its samples is used, so a shard
+altered in storage or in transit is refused.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import re
+import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,9 +30,11 @@ from typing import Any
 import cv2
 import numpy as np
 import pyspng
+from tqdm import tqdm
 
 from pipeline.errors import CxrError
 from pipeline.fileio import atomic_write_json, sha256_file
+from pipeline.locations import is_url, join_location, read_bytes, read_shard
 from pipeline.names import VARIANTS
 
 CLASS_NAMES = ("negative", "positive")
@@ -178,62 +182,24 @@ class ShardSummary:
         return [total / (len(CLASS_NAMES) * c) for c in counts]
 
 
-_URL = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
-
-
-def is_url(location: str | Path) -> bool:
-    return bool(_URL.match(str(location)))
-
-
-def join_location(location: str | Path, name: str) -> str:
-    if is_url(location):
-        return f"{str(location).rstrip('/')}/{name}"
-    return str(Path(location) / name)
-
-
-def read_bytes(location: str | Path, limit: int) -> bytes:
-    """A whole file from a local path or a URL (through fsspec), refused past `limit` bytes.
-
-    At most limit + 1 bytes are ever read, whatever size the server or file system claims."""
-    too_big = CxrError(f"{location} is larger than the {limit} bytes allowed for it; refusing it")
-    if not is_url(location):
-        try:
-            with open(location, "rb") as fh:
-                data = fh.read(limit + 1)
-        except OSError as exc:
-            raise CxrError(f"cannot read {location}: {exc.strerror or exc}") from None
-        if len(data) > limit:
-            raise too_big
-        return data
-    import fsspec  # only for URLs: local runs never import it
-
-    try:
-        with fsspec.open(str(location), "rb") as fh:
-            data = fh.read(limit + 1)
-    except ImportError as exc:  # fsspec names the backend package to install (s3fs, gcsfs, ...)
-        raise CxrError(f"cannot read {location}: {exc}") from None
-    except Exception as exc:  # network, HTTP status and permission errors come in many types per backend
-        raise CxrError(f"cannot read {location}: {type(exc).__name__}: {exc}") from None
-    if len(data) > limit:
-        raise too_big
-    return data
-
-
-def read_shard(location: str, sha256: str, limit: int) -> bytes:
-    """A shard's bytes, refused unless they hash to the sha256 in the summary.
-
-    The whole shard is read before any sample is decoded (shards are a few MB; `limit`, the
-    summary's `shard_byte_limit`, bounds the memory), so a tampered or truncated shard never
-    reaches a model.
-    """
-    data = read_bytes(location, limit)
-    got = hashlib.sha256(data).hexdigest()
-    if got != sha256:
-        raise CxrError(
-            f"{location}: sha256 {got[:16]}... differs from the summary's {sha256[:16]}... "
-            f"({len(data)} bytes): the shard was altered or truncated; refusing it"
-        )
-    return data
+def shard_images(location: Path | str, keys: set[str]) -> dict[str, np.ndarray]:
+    """The stored 224x224 images of `keys` from a variant's tars (the format of pipeline.shard_format),
+    in a folder or at a URL (a shard from a URL is checked against its sha256 before it is opened)."""
+    summary = read_summary(location)
+    sha256 = summary.shard_sha256()
+    found: dict[str, np.ndarray] = {}
+    paths = [path for split in SPLITS for path in summary.shard_paths(split)]
+    for path in tqdm(paths, desc=f"read {summary.variant} shards", unit="shard", leave=False, disable=len(paths) < 8):
+        if len(found) < len(keys):  # stop reading once every key is found
+            source = ({"fileobj": io.BytesIO(read_shard(path, sha256[path], summary.shard_byte_limit))}
+                      if is_url(path) else {"name": path})  # fmt: skip
+            with tarfile.open(**source) as tar:
+                for member in tar:
+                    key, _, ext = member.name.partition(".")
+                    if ext == "png" and key in keys:
+                        data = np.frombuffer(tar.extractfile(member).read(), np.uint8)
+                        found[key] = cv2.imdecode(data, cv2.IMREAD_GRAYSCALE)
+    return found
 
 
 def split_record(shards: list[dict[str, Any]], class_counts: dict[str, int]) -> dict[str, Any]:

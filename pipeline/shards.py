@@ -28,7 +28,7 @@ from pipeline.errors import CxrError
 from pipeline.fileio import atomic_output, atomic_write_json, output_lock, sha256_file
 from pipeline.manifest import ManifestEntry, read_manifest
 from pipeline.ownership import claim_folder, remove_owned
-from pipeline.params import PreprocessParams, ShardParams
+from pipeline.params import DataParams, PreprocessParams, ShardParams
 from pipeline.preprocess import PreprocessConfig
 from pipeline.rejects import check_reject_fraction
 from pipeline.shard_worker import ShardResult, ShardTask, process_one, process_pool
@@ -138,7 +138,7 @@ def write_variant(
     variant: str,
     preprocess: PreprocessParams,
     shard: ShardParams,
-    max_reject_fraction: float,
+    data: DataParams,
     seed: int,
     show_progress: bool = True,
 ) -> dict[str, Any]:
@@ -153,7 +153,7 @@ def write_variant(
     claim_folder(out_dir, "shard", OWN_NAMES)
     with output_lock(out_dir):
         remove_owned(out_dir, OWN_NAMES)  # our own previous outputs (and a killed run's temps) only
-        return _write_locked(entries, ingest, root, out_dir, variant, cfg, shard, workers, max_reject_fraction,
+        return _write_locked(entries, ingest, root, out_dir, variant, cfg, shard, workers, data.max_reject_fraction,
                              seed, show_progress)  # fmt: skip
 
 

@@ -14,6 +14,7 @@ import pytest
 import webdataset as wds
 
 from pipeline.fileio import sha256_file
+from pipeline.params import DataParams, SampleParams
 from pipeline.shard_format import (
     CLASS_NAMES,
     encode_png,
@@ -27,6 +28,16 @@ from pipeline.shard_format import (
 
 REPO = Path(__file__).resolve().parents[1]
 COVIDX_MINI = REPO.parent / "shared" / "covidx-mini"
+
+
+def data_params(val_fraction: float = 0.2, max_reject_fraction: float = 1.0, leaks: str = "report") -> DataParams:
+    """The `data` section a stage function receives (its root unused: the stage takes ROOT as an input)."""
+    return DataParams(root="unused", val_fraction=val_fraction, max_reject_fraction=max_reject_fraction, leaks=leaks)
+
+
+def sample_params(train: int = 2, test: int = 2, shifted: int = 2) -> SampleParams:
+    """The `sample` section: per-class image counts of the default sample (train, test) and of the shifted set."""
+    return SampleParams(train_per_class=train, test_per_class=test, shifted_test_per_class=shifted)
 
 
 @pytest.fixture(autouse=True, scope="session")

@@ -8,6 +8,7 @@ from pipeline.bench import naive_pil, run_preprocess_benchmark
 from pipeline.params import load_params
 from pipeline.preprocess import PreprocessConfig
 from pipeline.sample import generate_sample
+from tests.conftest import sample_params
 
 PARAMS = load_params("params.yaml")
 
@@ -15,7 +16,7 @@ PARAMS = load_params("params.yaml")
 @pytest.fixture(scope="module")
 def sample_root(tmp_path_factory):
     root = tmp_path_factory.mktemp("bench") / "sample"
-    generate_sample(root, train_per_class=5, test_per_class=2, seed=7)
+    generate_sample(root, sample_params(train=5, test=2), seed=7)
     return root
 
 

@@ -12,14 +12,14 @@ from typer.testing import CliRunner
 from pipeline.cli import app
 from pipeline.params import load_params
 from pipeline.sample import generate_sample
-from tests.conftest import REPO
+from tests.conftest import REPO, sample_params
 from train.bench_screen import replicate_root, run_screen_benchmark
 
 
 @pytest.fixture(scope="module")
 def sample_root(tmp_path_factory):
     root = tmp_path_factory.mktemp("sample")
-    generate_sample(root, 2, 2, seed=5)  # 8 images: PNG, JPEG, TIFF, 16-bit, odd sizes
+    generate_sample(root, sample_params(2, 2), seed=5)  # 8 images: PNG, JPEG, TIFF, 16-bit, odd sizes
     return root
 
 

@@ -13,8 +13,7 @@ PARAMS = load_params("params.yaml")
 
 
 def small_batches(batch_size=4, num_workers=1):
-    return dataclasses.replace(PARAMS, train=dataclasses.replace(PARAMS.train, batch_size=batch_size,
-                                                                 num_workers=num_workers))
+    return dataclasses.replace(PARAMS.train, batch_size=batch_size, num_workers=num_workers)
 
 
 def test_image_folder_export_keeps_the_shard_bytes_and_classes(tiny_shards, tmp_path):
@@ -29,14 +28,14 @@ def test_image_folder_export_keeps_the_shard_bytes_and_classes(tiny_shards, tmp_
 
 def test_a_split_smaller_than_one_batch_is_refused_not_spun_on(tiny_shards):
     with pytest.raises(CxrError, match="fewer than one batch"):
-        run_train_benchmark(small_batches(batch_size=64), tiny_shards, "alexnet", steps=1, warmup=0,
+        run_train_benchmark(tiny_shards, "alexnet", small_batches(batch_size=64), PARAMS.seed, steps=1, warmup=0,
                             loader_images=8)
 
 
 @pytest.mark.slow
 def test_benchmark_times_both_trainers_and_the_loaders(tmp_path):
     shards = make_tiny_shards(tmp_path / "plain", per_class={"train": 12, "val": 2, "test": 2})
-    result = run_train_benchmark(small_batches(), shards, "alexnet", steps=2, warmup=1, loader_images=48,
+    result = run_train_benchmark(shards, "alexnet", small_batches(), PARAMS.seed, steps=2, warmup=1, loader_images=48,
                                  fp32_streaming=True, threads=1)
     assert result["model"] == "alexnet" and result["batch_size"] == 4 and result["threads"] == 1
     assert result["train_samples"] == 24

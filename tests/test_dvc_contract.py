@@ -81,7 +81,7 @@ STAGE_MODULES = {
     "shard": "pipeline.shards",
     "train": "train.trainer",
     "evaluate": "train.evaluate,train.misclassified",
-    "external": "train.evaluate",
+    "external": "train.external",
     "latency": "train.latency",
     "figures": "pipeline.figures",
     "curves": "pipeline.figures",

@@ -1,9 +1,8 @@
-"""Stage `evaluate` end to end on tiny shards and a tiny external COVIDx root."""
+"""Stage `evaluate` end to end on tiny shards (the external root: tests/test_external.py)."""
 
 from __future__ import annotations
 
 import csv
-import dataclasses
 import json
 from pathlib import Path
 
@@ -17,10 +16,7 @@ from typer.testing import CliRunner
 
 from pipeline.cli import app
 from pipeline.errors import CxrError
-from pipeline.labels import parse_label_file
 from pipeline.params import load_params
-from pipeline.preprocess import PreprocessConfig
-from pipeline.sample import generate_sample
 from pipeline.shard_format import read_summary
 from tests.conftest import REPO, make_tiny_shards
 from train.checkpoint import load_checkpoint, make_meta, save_checkpoint
@@ -150,8 +146,8 @@ def test_evaluate_cli_writes_every_required_key(tmp_path, tiny):
 def test_val_metrics_are_the_val_split(tmp_path):
     shards = make_tiny_shards(tmp_path / "s", per_class={"train": 2, "val": 3, "test": 5}, size=SIZE)
     ckpt = _checkpoint(tmp_path / "best.pt", "plain", read_summary(shards).preprocess)
-    params = load_params(_params_file(tmp_path)).evaluate
-    result = evaluate_shards(ckpt, shards, params, seed=0, num_workers=0, engine="eager")
+    params = load_params(_params_file(tmp_path))
+    result = evaluate_shards(ckpt, shards, params.evaluate, params.train, seed=0, engine="eager")
     assert result.report["n_test"] == 10 and result.report["val"]["n"] == 6
     assert len(result.test.keys) == 10
 
@@ -159,65 +155,16 @@ def test_val_metrics_are_the_val_split(tmp_path):
 def test_wrong_variant_is_refused(tmp_path, tiny):
     shards, _ = tiny
     ckpt = _checkpoint(tmp_path / "eq.pt", "equalized", read_summary(shards).preprocess)
-    params = load_params(_params_file(tmp_path)).evaluate
+    params = load_params(_params_file(tmp_path))
     with pytest.raises(CxrError, match="shards/equalized"):
-        evaluate_shards(ckpt, shards, params, seed=0, num_workers=0)
-
-
-@pytest.fixture
-def external(tmp_path):
-    root = tmp_path / "ext"
-    generate_sample(root, 2, 4, seed=3)
-    cfg = PreprocessConfig.for_variant(load_params(REPO / "params.yaml").preprocess, "equalized")
-    preprocess = dataclasses.replace(cfg, size=SIZE).to_dict()
-    return root, _checkpoint(tmp_path / "ext.pt", "equalized", preprocess)
-
-
-def _external_cli(ckpt: Path, root: Path, out: Path, tmp_path: Path):
-    args = ["evaluate", "--model", str(ckpt), "--root", str(root), "--out", str(out)]
-    return CliRunner().invoke(app, args + ["--params", str(_params_file(tmp_path))])
-
-
-def test_external_root_through_the_checkpoint_preprocessing(tmp_path, external):
-    root, ckpt = external
-    out = tmp_path / "external.json"
-    result = _external_cli(ckpt, root, out, tmp_path)
-    assert result.exit_code == 0, result.output
-    report = json.loads(out.read_text())
-    n_lines = len((root / "test.txt").read_text().splitlines())
-    assert report["n_test"] == n_lines and report["dataset"]["reject_count"] == 0
-    assert set(report["by_source"]) == {line.split()[-1] for line in (root / "test.txt").read_text().splitlines()}
-    for key in ("accuracy", "macro.f1", "roc_auc", "sensitivity.ci95", "at_0_5.accuracy"):
-        _dig(report, key)
-    assert not (tmp_path / "metrics").exists()  # no predictions/plots unless asked for
-
-
-def test_external_rejects_are_reported_and_bounded(tmp_path, external):
-    root, ckpt = external
-    victim = (root / "test.txt").read_text().splitlines()[0].split()[1]
-    (root / "test" / victim).write_bytes(b"not an image")
-    result = _external_cli(ckpt, root, tmp_path / "x.json", tmp_path)
-    assert result.exit_code == 1
-    assert "1 of 8 test images rejected" in result.output
-
-
-def test_external_one_class_dataset_has_null_auc(tmp_path, external):
-    root, ckpt = external
-    lines = [ln for ln in (root / "test.txt").read_text().splitlines() if " negative " in ln]
-    (root / "test.txt").write_text("\n".join(lines) + "\n")
-    out = tmp_path / "neg.json"
-    result = _external_cli(ckpt, root, out, tmp_path)
-    assert result.exit_code == 0, result.output
-    report = json.loads(out.read_text())
-    assert report["roc_auc"] is None and "only negative" in report["auc_undefined"]
-    assert report["sensitivity"]["value"] is None
+        evaluate_shards(ckpt, shards, params.evaluate, params.train, seed=0)
 
 
 def test_decoded_probabilities_match_a_direct_forward(tmp_path, tiny):
     """The loader path (uint8 -> /255 -> model) gives the same numbers as calling the model by hand."""
     shards, ckpt = tiny
-    params = load_params(_params_file(tmp_path)).evaluate
-    result = evaluate_shards(ckpt, shards, params, seed=0, num_workers=0, engine="eager")
+    params = load_params(_params_file(tmp_path))
+    result = evaluate_shards(ckpt, shards, params.evaluate, params.train, seed=0, engine="eager")
     summary = read_summary(shards)
     sample = next(iter(wds.WebDataset(summary.shard_paths("test")[0], shardshuffle=False)))
     img = cv2.imdecode(np.frombuffer(sample["png"], np.uint8), cv2.IMREAD_UNCHANGED)
@@ -227,45 +174,6 @@ def test_decoded_probabilities_match_a_direct_forward(tmp_path, tiny):
     index = result.test.keys.index(sample["__key__"])
     assert result.test.raw[index] == pytest.approx(prob, abs=1e-6)
     assert result.test.probs[index] == result.test.raw[index]  # no calibration in this checkpoint
-
-
-def test_external_items_reject_duplicates_escapes_and_bad_lines(tmp_path):
-    from train.evaluate import external_test_items
-
-    (tmp_path / "test.txt").write_text(
-        "p 1 a.b.png positive src\n"
-        "p 2 a.b.png negative src\n"
-        "p 3 ../../etc/passwd positive src\n"
-        "only two\n"
-        "COVID 4 c.png negative src\n"
-    )
-    (tmp_path / "test").mkdir()
-    for name in ("a.b.png", "c.png"):  # present: a missing or linked-out file is a reject at this stage too
-        (tmp_path / "test" / name).write_bytes(b"x")
-    items, rejects = external_test_items(tmp_path)
-    assert [(i["filename"], i["label"], i["patient_id"]) for i in items] == [("a.b.png", 1, "p 1"), ("c.png", 0, "COVID 4")]
-    assert items[0]["path"] == tmp_path / "test" / "a.b.png"
-    reasons = " | ".join(r["reason"] for r in rejects)
-    assert len(rejects) == 3 and "duplicate" in reasons and "escapes" in reasons
-
-
-def test_external_root_may_name_compressed_dicom(tmp_path, external):
-    from pydicom.uid import JPEG2000Lossless
-
-    from tests.test_dicom import pydicom_encoded
-
-    root, ckpt = external
-    lines = (root / "test.txt").read_text().splitlines()
-    patient, name, label, source = lines[0].rsplit(" ", 3)
-    pixels = cv2.imread(str(root / "test" / name), cv2.IMREAD_GRAYSCALE)
-    (root / "test" / name).unlink()
-    (root / "test" / "scan.dcm").write_bytes(pydicom_encoded(JPEG2000Lossless, pixels, 8))
-    lines[0] = f"{patient} scan.dcm {label} {source}"
-    (root / "test.txt").write_text("\n".join(lines) + "\n")
-    result = _external_cli(ckpt, root, tmp_path / "external.json", tmp_path)
-    assert result.exit_code == 0, result.output
-    report = json.loads((tmp_path / "external.json").read_text())
-    assert report["n_test"] == len(lines) and report["dataset"]["reject_count"] == 0
 
 
 def test_plots_folder_with_user_files_is_refused(tmp_path):
@@ -287,9 +195,9 @@ def test_calibration_of_the_checkpoint_is_applied_before_the_threshold(tmp_path)
     platt = {"method": "platt", "a": 3.0, "b": -0.5, "fitted_on": "val"}
     plain = _checkpoint(tmp_path / "plain.pt", "plain", read_summary(shards).preprocess)
     cal = _checkpoint(tmp_path / "cal.pt", "plain", read_summary(shards).preprocess, calibration=platt)
-    params = load_params(_params_file(tmp_path)).evaluate
-    before = evaluate_shards(plain, shards, params, seed=0, num_workers=0)
-    after = evaluate_shards(cal, shards, params, seed=0, num_workers=0)
+    params = load_params(_params_file(tmp_path))
+    before = evaluate_shards(plain, shards, params.evaluate, params.train, seed=0)
+    after = evaluate_shards(cal, shards, params.evaluate, params.train, seed=0)
     raw = before.test.raw
     assert after.test.raw == pytest.approx(raw)  # same weights
     expected = 1 / (1 + np.exp(-(3.0 * np.log(raw / (1 - raw)) - 0.5)))
@@ -305,27 +213,12 @@ def test_calibration_of_the_checkpoint_is_applied_before_the_threshold(tmp_path)
     assert after.report["roc_auc"] == pytest.approx(before.report["roc_auc"])  # monotone: same ranking
 
 
-def test_shifted_external_sample_scores_with_patient_intervals(tmp_path, external):
-    _, ckpt = external
-    root = tmp_path / "shifted"
-    generate_sample(root, 0, 3, seed=3, style="shifted")
-    out, plots = tmp_path / "ext" / "shifted.json", tmp_path / "ext" / "plots"
-    args = ["evaluate", "--model", str(ckpt), "--root", str(root), "--out", str(out), "--plots", str(plots),
-            "--predictions", str(tmp_path / "ext" / "p.csv"), "--params", str(_params_file(tmp_path))]  # fmt: skip
-    result = CliRunner().invoke(app, args)
-    assert result.exit_code == 0, result.output
-    report = json.loads(out.read_text())
-    patients = {line.patient_id for line in parse_label_file(root / "test.txt")[0]}
-    assert report["n_test"] == 6 and report["intervals"]["n_patients"] == len(patients)
-    assert report["at_prevalence"]["prevalence"] == 0.05 and "calibration" in report
-    assert (plots / "reliability_test.json").is_file() and not (plots / "reliability_val.json").exists()
-
-
 def test_shards_at_a_url_score_exactly_as_the_folder(tmp_path, http_root):
     root, url = http_root
     shards = make_tiny_shards(root / "plain", size=SIZE)
     ckpt = _checkpoint(tmp_path / "best.pt", "plain", read_summary(shards).preprocess)
-    params = dataclasses.replace(load_params(REPO / "params.yaml").evaluate, bootstrap=50)
-    local, remote = evaluate_shards(ckpt, shards, params, 0, 0), evaluate_shards(ckpt, f"{url}/plain", params, 0, 0)
+    params = load_params(_params_file(tmp_path))
+    local = evaluate_shards(ckpt, shards, params.evaluate, params.train, 0)
+    remote = evaluate_shards(ckpt, f"{url}/plain", params.evaluate, params.train, 0)
     assert remote.test.keys == local.test.keys and np.array_equal(remote.test.probs, local.test.probs)
     assert remote.report["roc_auc_ci95"] == local.report["roc_auc_ci95"] and remote.report["shards"] == f"{url}/plain"

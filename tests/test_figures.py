@@ -15,7 +15,7 @@ from pipeline.manifest import build_manifest
 from pipeline.params import ShardParams, load_params
 from pipeline.sample import generate_sample
 from pipeline.shards import write_variant
-from tests.conftest import REPO
+from tests.conftest import REPO, data_params, sample_params
 
 
 def assert_picture(path: Path, size: tuple[int, int], ink: float = 0.05) -> np.ndarray:
@@ -33,11 +33,12 @@ def assert_picture(path: Path, size: tuple[int, int], ink: float = 0.05) -> np.n
 def data_figures(tmp_path_factory) -> tuple[Path, dict]:
     d = tmp_path_factory.mktemp("fig")
     params = load_params(REPO / "params.yaml")
-    generate_sample(d / "ds", 10, 6, seed=2)
-    build_manifest(d / "ds", d / "m.jsonl", d / "r.json", val_fraction=0.2, seed=2, max_reject_fraction=1.0)
+    generate_sample(d / "ds", sample_params(10, 6), seed=2)
+    build_manifest(d / "ds", d / "m.jsonl", d / "r.json", data_params(), seed=2)
     for variant in ("plain", "equalized"):
         write_variant(d / "m.jsonl", d / "r.json", d / "shards" / variant, variant, params.preprocess,
-                      ShardParams(max_count=100, max_bytes=10**8, workers=1), 1.0, 2, show_progress=False)  # fmt: skip
+                      ShardParams(max_count=100, max_bytes=10**8, workers=1), data_params(), 2,
+                      show_progress=False)  # fmt: skip
     return d, write_data_figures(d / "m.jsonl", d / "r.json", d / "shards", d / "figures", per_split=1, sheet=16)
 
 
@@ -85,20 +86,3 @@ def test_training_curves_from_dvclive_files(tmp_path):
 def test_training_curves_without_a_training_run_say_what_to_run(tmp_path):
     with pytest.raises(CxrError, match="run the train stage first"):
         training_curves(tmp_path / "nothing", tmp_path / CURVES_NAME)
-
-
-def test_shard_images_read_from_a_url_equal_the_folder_and_a_changed_shard_is_refused(http_root):
-    from pipeline.figures import shard_images
-    from pipeline.shard_format import read_summary
-    from tests.conftest import make_tiny_shards
-
-    root, url = http_root
-    make_tiny_shards(root / "plain")
-    keys = {"train_000000", "val_000001", "test_000003"}
-    local, remote = shard_images(root / "plain", keys), shard_images(f"{url}/plain", keys)
-    assert set(local) == set(remote) == keys
-    assert all(np.array_equal(local[k], remote[k]) for k in keys)
-    shard = read_summary(root / "plain").shard_paths("test")[-1]
-    Path(shard).write_bytes(Path(shard).read_bytes()[:-1024])
-    with pytest.raises(CxrError, match="differs from the summary's"):
-        shard_images(f"{url}/plain", {"test_999999"})

@@ -116,3 +116,16 @@ def test_csv_rows_are_written_as_the_csv_module_writes_them(tmp_path):
     path = tmp_path / "out" / "p.csv"
     fileio.atomic_write_csv(path, [("path", "note"), ("a,b.png", 'say "hi"'), ("c.png", 0.5)])
     assert path.read_bytes() == b'path,note\r\n"a,b.png","say ""hi"""\r\nc.png,0.5\r\n'
+
+
+def test_save_figure_writes_a_png_of_the_figure_size_at_100_dpi_atomically(tmp_path):
+    from matplotlib.figure import Figure
+    from PIL import Image
+
+    fig = Figure(figsize=(3.0, 2.0))
+    fig.subplots().plot([0, 1], [1, 0])
+    out = fileio.save_figure(fig, tmp_path / "new" / "fig.png")
+    assert out == tmp_path / "new" / "fig.png"
+    with Image.open(out) as img:
+        assert (img.format, img.size) == ("PNG", (300, 200))
+    assert [p.name for p in out.parent.iterdir()] == ["fig.png"]  # no temp left beside it

@@ -34,6 +34,7 @@ from pipeline.cli import app
 from pipeline.manifest import build_manifest
 from pipeline.params import load_params
 from pipeline.shards import write_variant
+from tests.conftest import data_params, sample_params
 
 REPO = Path(__file__).resolve().parents[1]
 PARAMS = load_params(REPO / "params.yaml")
@@ -170,9 +171,10 @@ def tree_state(folder: Path) -> dict[str, tuple]:
 
 def ingest_and_shard(tmp_path: Path, root: Path, out: Path, workers: int = 2):
     report_path, manifest_path = tmp_path / "data" / "ingest.json", tmp_path / "data" / "manifest.jsonl"
-    build_manifest(root, manifest_path, report_path, 0.2, PARAMS.seed, max_reject_fraction=1.0)
+    build_manifest(root, manifest_path, report_path, data_params(), PARAMS.seed)
     summary = write_variant(manifest_path, report_path, out, "equalized", PARAMS.preprocess,
-                            replace(PARAMS.shard, workers=workers), 1.0, PARAMS.seed, show_progress=False)  # fmt: skip
+                            replace(PARAMS.shard, workers=workers), data_params(), PARAMS.seed,
+                            show_progress=False)  # fmt: skip
     return json.loads(report_path.read_text()), summary
 
 
@@ -224,7 +226,7 @@ def test_shard_refuses_a_folder_with_user_files_in_one_clean_line(tmp_path):
     (out / "holiday.tar").write_bytes(b"precious")
     (out / "summary.json").write_text("{}")
     data = tmp_path / "data"
-    build_manifest(root, data / "m.jsonl", data / "r.json", 0.2, 1, max_reject_fraction=1.0)
+    build_manifest(root, data / "m.jsonl", data / "r.json", data_params(), 1)
     result = runner.invoke(app, ["shard", "--manifest", str(data / "m.jsonl"), "--ingest-report", str(data / "r.json"),
                                  "--out", str(out), "--params", str(REPO / "params.yaml")])  # fmt: skip
     assert result.exit_code == 1 and "Traceback" not in result.output
@@ -235,12 +237,13 @@ def test_shard_refuses_a_folder_with_user_files_in_one_clean_line(tmp_path):
 def test_too_many_rejects_still_writes_every_reject(tmp_path):
     root, _ = build_corpus(tmp_path)
     data, out = tmp_path / "data", tmp_path / "shards"
-    build_manifest(root, data / "m.jsonl", data / "r.json", 0.2, 1, max_reject_fraction=1.0)
+    build_manifest(root, data / "m.jsonl", data / "r.json", data_params(), 1)
     for f in (root / "train").glob("good.*.png"):
         f.write_bytes(b"changed after ingest")
     with pytest.raises(Exception, match="all rejects in"):
         write_variant(data / "m.jsonl", data / "r.json", out, "plain", PARAMS.preprocess,
-                      replace(PARAMS.shard, workers=1), 0.05, 1, show_progress=False)  # fmt: skip
+                      replace(PARAMS.shard, workers=1), data_params(max_reject_fraction=0.05), 1,
+                      show_progress=False)  # fmt: skip
     rejects = json.loads((out / "rejects.json").read_text())
     assert rejects["reject_count"] == len(rejects["rejects"]) > 12 and "failed" in rejects
     assert sum("changed since ingest" in r["reason"] for r in rejects["rejects"]) == 12
@@ -329,9 +332,9 @@ def test_shard_killed_anywhere_then_rerun_gives_byte_identical_shards(tmp_path):
     from pipeline.sample import generate_sample
 
     root = tmp_path / "sample"
-    generate_sample(root, 24, 8, 3)
+    generate_sample(root, sample_params(24, 8), 3)
     data = tmp_path / "data"
-    build_manifest(root, data / "m.jsonl", data / "r.json", 0.2, 1, max_reject_fraction=0.05)
+    build_manifest(root, data / "m.jsonl", data / "r.json", data_params(max_reject_fraction=0.05), 1)
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     subprocess.run(_shard_cmd(data, tmp_path / "reference"), check=True, env=env, capture_output=True)
     reference = {p.name: p.read_bytes() for p in (tmp_path / "reference").iterdir()}
@@ -362,7 +365,7 @@ def test_a_full_disk_mid_shard_is_one_clean_error_and_leaves_no_temp(tmp_path, m
 
     root, _ = build_corpus(tmp_path)
     data, out = tmp_path / "data", tmp_path / "shards"
-    build_manifest(root, data / "m.jsonl", data / "r.json", 0.2, 1, max_reject_fraction=1.0)
+    build_manifest(root, data / "m.jsonl", data / "r.json", data_params(), 1)
     real_write, calls = wds.TarWriter.write, []
 
     def write(self, sample):
@@ -374,6 +377,6 @@ def test_a_full_disk_mid_shard_is_one_clean_error_and_leaves_no_temp(tmp_path, m
     monkeypatch.setattr(wds.TarWriter, "write", write)
     with pytest.raises(CxrError, match=r"cannot write .*-000000.tar: No space left on device"):
         write_variant(data / "m.jsonl", data / "r.json", out, "plain", PARAMS.preprocess,
-                      replace(PARAMS.shard, workers=1), 1.0, 1, show_progress=False)  # fmt: skip
+                      replace(PARAMS.shard, workers=1), data_params(), 1, show_progress=False)  # fmt: skip
     assert not [p.name for p in out.iterdir() if p.name.endswith(".tmp")]
     assert not (out / "summary.json").exists()

@@ -9,6 +9,7 @@ import pytest
 
 from pipeline.errors import CxrError
 from pipeline.manifest import build_manifest, read_manifest
+from tests.conftest import data_params
 
 
 def write_dataset(root: Path, n_patients=20, images_per_patient=2, extra_lines=(), val=False):
@@ -29,9 +30,9 @@ def write_dataset(root: Path, n_patients=20, images_per_patient=2, extra_lines=(
     return root
 
 
-def run(root, tmp_path, **kw):
-    args = dict(val_fraction=0.2, seed=1, max_reject_fraction=0.5) | kw
-    summary = build_manifest(root, tmp_path / "m.jsonl", tmp_path / "r.json", **args)
+def run(root, tmp_path, seed=1, **kw):
+    data = data_params(**(dict(val_fraction=0.2, max_reject_fraction=0.5) | kw))
+    summary = build_manifest(root, tmp_path / "m.jsonl", tmp_path / "r.json", data, seed)
     return summary, read_manifest(tmp_path / "m.jsonl"), json.loads((tmp_path / "r.json").read_text())
 
 

@@ -50,7 +50,7 @@ def test_report_draws_images_wrong_for_every_run_with_each_models_gradcam(tmp_pa
     wrong = []
     for name, variant, threshold in (("a-plain", "plain", 0.5), ("b-eq", "equalized", 0.5)):
         ckpt = _checkpoint(tmp_path / f"{name}.pt", variant, read_summary(shards / variant).preprocess, threshold)
-        result = evaluate_shards(ckpt, shards / variant, params.evaluate, params.seed, 0)
+        result = evaluate_shards(ckpt, shards / variant, params.evaluate, params.train, params.seed)
         write_outputs(result, runs / name / "eval.json", runs / name / "predictions_test.csv", None)
         shutil.copy(ckpt, runs / name / "best.pt")
         rows = list(csv.DictReader((runs / name / "predictions_test.csv").open()))

@@ -14,11 +14,13 @@ from PIL import Image
 
 from pipeline.errors import CxrError
 from pipeline.fileio import sha256_file
+from pipeline.locations import read_shard
 from pipeline.manifest import build_manifest
 from pipeline.params import ShardParams, load_params
 from pipeline.preprocess import PreprocessConfig, preprocess_bytes
-from pipeline.shard_format import read_shard, read_summary
+from pipeline.shard_format import read_summary
 from pipeline.shards import balanced_count, write_variant
+from tests.conftest import data_params
 
 PARAMS = load_params("params.yaml")
 
@@ -76,11 +78,11 @@ def make_dataset(root: Path, n=16, seed=0) -> Path:
 
 def shard(root: Path, out: Path, variant="equalized", workers=2, max_count=5, max_reject=0.5, tmp=None, max_bytes=10**8):
     tmp = tmp or out.parent
-    build_manifest(root, tmp / "m.jsonl", tmp / "r.json", val_fraction=0.2, seed=3, max_reject_fraction=1.0)
+    build_manifest(root, tmp / "m.jsonl", tmp / "r.json", data_params(), seed=3)
     return write_variant(
         tmp / "m.jsonl", tmp / "r.json", out, variant, PARAMS.preprocess,
         ShardParams(max_count=max_count, max_bytes=max_bytes, workers=workers),
-        max_reject_fraction=max_reject, seed=3, show_progress=False,
+        data_params(max_reject_fraction=max_reject), seed=3, show_progress=False,
     )
 
 
@@ -167,11 +169,11 @@ def test_too_many_rejects_fails_with_a_hint(tmp_path):
 
 def test_changed_file_after_ingest_is_a_reject_not_a_silent_swap(tmp_path):
     root = make_dataset(tmp_path / "ds")
-    build_manifest(root, tmp_path / "m.jsonl", tmp_path / "r.json", val_fraction=0.2, seed=3, max_reject_fraction=1)
+    build_manifest(root, tmp_path / "m.jsonl", tmp_path / "r.json", data_params(), seed=3)
     victim = next((root / "train").glob("*.png"))
     cv2.imwrite(str(victim), np.zeros((300, 300), np.uint8))
     summary = write_variant(tmp_path / "m.jsonl", tmp_path / "r.json", tmp_path / "out", "plain", PARAMS.preprocess,
-                            ShardParams(5, 10**8, 1), 0.5, 3, show_progress=False)
+                            ShardParams(5, 10**8, 1), data_params(max_reject_fraction=0.5), 3, show_progress=False)
     assert any("changed since ingest" in r["reason"] for r in summary["rejects"])
 
 

@@ -16,6 +16,7 @@ rounds, and is reported on its own: it is paid once per checkpoint.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import tempfile
@@ -31,7 +32,7 @@ from pipeline.params import Params
 from pipeline.preprocess import PreprocessConfig
 from pipeline.shard_format import CLASS_NAMES
 from train.checkpoint import detached_state_dict, load_checkpoint, make_meta, save_checkpoint
-from train.evaluate import evaluate_external, external_test_items
+from train.external import evaluate_external, external_test_items
 from train.inference import Engine, default_cache_dir
 from train.machine import allocator_name, cpu_model_name
 from train.models import build_model
@@ -85,6 +86,7 @@ def run_screen_benchmark(
         ckpt = load_checkpoint(checkpoint)
         layout = replicate_root(source, tmp_dir / "root", images)
         items, label_rejects = external_test_items(tmp_dir / "root")
+        keep_all = dataclasses.replace(params.data, max_reject_fraction=1.0)  # time every image, never refuse
 
         start = time.perf_counter()
         Engine(ckpt, "auto", torch.device("cpu"), default_cache_dir())  # fills the cache (once per checkpoint)
@@ -92,8 +94,8 @@ def run_screen_benchmark(
 
         def run(engine: str) -> tuple[float, dict[str, Any]]:
             begin = time.perf_counter()
-            result = evaluate_external(checkpoint, items, label_rejects, params.evaluate, params.seed, 1.0,
-                                       params.train.num_workers, str(source), engine)  # fmt: skip
+            result = evaluate_external(checkpoint, items, label_rejects, str(source), evaluate=params.evaluate,
+                                       data=keep_all, train=params.train, seed=params.seed, engine=engine)  # fmt: skip
             return time.perf_counter() - begin, result.report
 
         best = {"eager": float("inf"), "auto": float("inf")}

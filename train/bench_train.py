@@ -16,6 +16,7 @@ import re
 import tempfile
 import time
 from dataclasses import replace
+from functools import partial
 from itertools import islice
 from pathlib import Path
 from typing import Any
@@ -25,7 +26,7 @@ import webdataset as wds
 from torch.utils.data import DataLoader
 
 from pipeline.errors import CxrError
-from pipeline.params import Params
+from pipeline.params import AugmentParams, TrainParams
 from pipeline.shard_format import CLASS_NAMES, ShardSummary, read_summary
 from train.data import train_batches
 from train.machine import allocator_name, conv_peak_gflops, cpu_model_name, train_flops_per_image
@@ -52,10 +53,10 @@ def export_image_folder(summary: ShardSummary, split: str, root: Path) -> int:
     return count
 
 
-def _naive_loader(root: Path, params: Params, batch_size: int, workers: int, augment: bool) -> DataLoader:
+def _naive_loader(root: Path, aug: AugmentParams, seed: int, batch_size: int, workers: int,
+                  augment: bool) -> DataLoader:  # fmt: skip
     from torchvision import datasets, transforms
 
-    aug = params.train.augment
     steps = [transforms.Grayscale(num_output_channels=1)]  # ImageFolder's loader makes RGB
     if augment:
         steps.append(transforms.RandomAffine(degrees=aug.rotate, translate=(aug.translate, aug.translate),
@@ -63,7 +64,7 @@ def _naive_loader(root: Path, params: Params, batch_size: int, workers: int, aug
     steps.append(transforms.ToTensor())
     dataset = datasets.ImageFolder(str(root), transform=transforms.Compose(steps))
     return DataLoader(dataset, batch_size=batch_size, shuffle=True, num_workers=workers, drop_last=True,
-                      generator=torch.Generator().manual_seed(params.seed), persistent_workers=workers > 0)
+                      generator=torch.Generator().manual_seed(seed), persistent_workers=workers > 0)
 
 
 def _endless(loader: DataLoader):
@@ -121,9 +122,10 @@ def _against_peak(result: dict[str, Any], model_name: str, size: int, device: to
 
 
 def run_train_benchmark(
-    params: Params,
     shard_dir: Path,
     model_name: str,
+    train: TrainParams,
+    seed: int,
     steps: int,
     warmup: int,
     loader_images: int,
@@ -135,7 +137,7 @@ def run_train_benchmark(
     other jobs, 1 thread gives steadier numbers: OpenMP's per-op barriers stall
     whenever another process holds one of the cores."""
     summary = read_summary(shard_dir)
-    tp = params.train
+    tp = train
     if summary.split("train").count < tp.batch_size:
         raise CxrError(
             f"{shard_dir} has {summary.split('train').count} training images, fewer than one batch of "
@@ -147,17 +149,18 @@ def run_train_benchmark(
     if threads > 0:
         torch.set_num_threads(threads)
     naive_rt = replace(rt, autocast_dtype=None, channels_last=False)
+    folder_loader = partial(_naive_loader, aug=tp.augment, seed=seed, batch_size=tp.batch_size, workers=tp.num_workers)
     class_weights = torch.tensor(summary.class_weights("train"), dtype=torch.float32, device=rt.device)
     lr = tp.lr if tp.lr is not None else model_spec(model_name).default_lr
     stream_kw = dict(batch_size=tp.batch_size, num_workers=tp.num_workers, shuffle_buffer=tp.shuffle_buffer,
-                     seed=params.seed, epoch=0, pin_memory=rt.device.type == "cuda")
+                     seed=seed, epoch=0, pin_memory=rt.device.type == "cuda")
 
     def streaming(run_rt: Runtime) -> dict[str, float]:
-        torch.manual_seed(params.seed)
+        torch.manual_seed(seed)
         net = build_model(model_name).to(run_rt.device, memory_format=torch.channels_last if run_rt.channels_last
                                           else torch.contiguous_format)
         opt = make_optimizer(net, lr)
-        gen = torch.Generator().manual_seed(params.seed)
+        gen = torch.Generator().manual_seed(seed)
         kw = dict(rt=run_rt, class_weights=class_weights, augment=tp.augment, generator=gen,
                   aux_weight=tp.aux_weight, desc="bench", show_progress=False)
         # One loader for warm-up and timed steps, as within a training epoch: a
@@ -179,10 +182,10 @@ def run_train_benchmark(
     with tempfile.TemporaryDirectory(prefix="cxr-bench-") as tmp:
         root = Path(tmp)
         export_image_folder(summary, "train", root)
-        torch.manual_seed(params.seed)
+        torch.manual_seed(seed)
         net = build_model(model_name).to(rt.device)
         opt = torch.optim.Adam(net.parameters(), lr=lr)
-        naive = _endless(_naive_loader(root, params, tp.batch_size, tp.num_workers, augment=True))
+        naive = _endless(folder_loader(root, augment=True))
         _naive_train(net, opt, naive, class_weights, warmup, rt.device)
         result["naive_fp32"] = _naive_train(net, opt, naive, class_weights, steps, rt.device)
         del naive
@@ -191,9 +194,9 @@ def run_train_benchmark(
         result["loader_only_images_per_s"] = {
             "shards": _loader_rate(train_batches(summary, steps=10**9, **stream_kw), loader_images),
             "folder_decode": _loader_rate(
-                _endless(_naive_loader(root, params, tp.batch_size, tp.num_workers, augment=False)), loader_images),
+                _endless(folder_loader(root, augment=False)), loader_images),
             "folder_decode_affine": _loader_rate(
-                _endless(_naive_loader(root, params, tp.batch_size, tp.num_workers, augment=True)), loader_images),
+                _endless(folder_loader(root, augment=True)), loader_images),
         }
     stream, base = result["streaming"]["images_per_s"], result["naive_fp32"]["images_per_s"]
     result["speedup_vs_naive"] = stream / base

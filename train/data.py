@@ -22,7 +22,8 @@ import webdataset as wds
 from torch.utils.data import DataLoader, get_worker_info
 
 from pipeline.errors import CxrError
-from pipeline.shard_format import ShardSummary, decode_sample, read_shard
+from pipeline.locations import read_shard
+from pipeline.shard_format import ShardSummary, decode_sample
 
 
 def _shard_error(exn: Exception) -> bool:

@@ -20,37 +20,31 @@ Layout of the metrics JSON (`metrics/eval.json`):
 - `model`: checkpoint identity (path, sha256, model, variant, epoch);
   `calibration_model`: the mapping applied.
 
-External testing scores another COVIDx-layout root's test split through the
-checkpoint's own preprocessing, without shards, into a separate file.
+External testing (train/external.py) scores another COVIDx-layout root's test split
+through the checkpoint's own preprocessing, without shards, into a separate file.
 """
 
 from __future__ import annotations
 
-import os
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from tqdm import tqdm
 
 from pipeline.errors import CxrError
 from pipeline.fileio import atomic_write_csv, atomic_write_json, atomic_write_text
-from pipeline.imageio import ImageRejected
-from pipeline.labels import open_inside, parse_label_file
 from pipeline.ownership import claim_folder
-from pipeline.params import EvaluateParams
-from pipeline.preprocess import PreprocessConfig, preprocess_bytes
-from pipeline.rejects import check_reject_fraction
+from pipeline.params import EvaluateParams, TrainParams
 from pipeline.shard_format import CLASS_NAMES, ShardSummary, read_summary
 from train import calibration as calibration_mod
 from train import metrics
 from train.checkpoint import Checkpoint, load_checkpoint
 from train.data import eval_batches
-from train.inference import Engine, batched, ordered_prefetch
+from train.inference import Engine
 from train.runtime import pick_device
 
 
@@ -139,9 +133,9 @@ def _check_compatible(ckpt: Checkpoint, summary: ShardSummary) -> None:
 def evaluate_shards(
     checkpoint_path: Path,
     shards_dir: Path | str | None,
-    params: EvaluateParams,
+    evaluate: EvaluateParams,
+    train: TrainParams,
     seed: int,
-    num_workers: int,
     engine: str = "auto",
     show_progress: bool = False,
 ) -> EvalResult:
@@ -157,7 +151,7 @@ def evaluate_shards(
     cal = ckpt.meta.get("calibration")
     preds = {}
     for split in ("test", "val"):
-        batches = eval_batches(summary, split, params.batch_size, num_workers)
+        batches = eval_batches(summary, split, evaluate.batch_size, train.num_workers)
         with tqdm(total=summary.split(split).count, desc=f"evaluate {split}", unit="img", disable=not show_progress,
                   leave=False) as bar:  # fmt: skip
             preds[split] = predict_batches(runner, batches, bar, cal)
@@ -165,14 +159,14 @@ def evaluate_shards(
         if len(pred.keys) != summary.split(split).count:
             expected = summary.split(split).count
             raise CxrError(f"scored {len(pred.keys)} {split} images, the shard summary says {expected}")
-    test = split_report(preds["test"], ckpt.threshold, params, seed)
+    test = split_report(preds["test"], ckpt.threshold, evaluate, seed)
     n_test = test.pop("n")
     report = {
         "model": identity(ckpt),
         "threshold": threshold,
         "n_test": n_test,
         **test,
-        "val": split_report(preds["val"], ckpt.threshold, params, seed),
+        "val": split_report(preds["val"], ckpt.threshold, evaluate, seed),
         "calibration_model": cal or calibration_mod.IDENTITY,
         "shards": summary.location,
         # Images shared between label files (ingest's data.leaks): nonzero means test may overlap training.
@@ -181,127 +175,6 @@ def evaluate_shards(
         "inference": runner.describe(),
     }
     return EvalResult(report, preds["test"], preds["val"])
-
-
-def external_test_items(root: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """ROOT/test.txt -> images to score (ROOT/test/<filename>) and label lines rejected with reasons.
-
-    Filenames that would escape ROOT are rejected by the label parser; a file that
-    is a symlink out of ROOT, a folder or unreadable is rejected here with its reason.
-    """
-    lines, bad = parse_label_file(root / "test.txt")
-    rejects = [{"line": r.line_no, "text": r.text, "reason": r.reason} for r in bad]
-    items, seen = [], set()
-    for line in lines:
-        if line.filename in seen:
-            rejects.append({"line": line.line_no, "filename": line.filename, "reason": "duplicate filename in test.txt"})
-            continue
-        seen.add(line.filename)
-        opened = open_inside(root, f"test/{line.filename}")
-        if isinstance(opened, str):
-            rejects.append({"line": line.line_no, "filename": line.filename, "reason": opened})
-            continue
-        os.close(opened[0])
-        items.append(
-            {
-                "key": f"ext_{line.line_no:06d}",
-                "path": root / "test" / line.filename,
-                "label": line.label,
-                "source": line.source,
-                "patient_id": line.patient_id,
-                "filename": line.filename,
-            }
-        )
-    return items, rejects
-
-
-def _load_external(item: dict[str, Any], cfg: PreprocessConfig) -> np.ndarray | str:
-    """Preprocessed image, or the reason it was rejected."""
-    try:
-        data = Path(item["path"]).read_bytes()
-    except OSError as exc:
-        return f"cannot read {item['path']}: {exc.strerror or exc}"
-    try:
-        return preprocess_bytes(data, cfg, str(item["path"]))
-    except ImageRejected as exc:
-        return str(exc)
-
-
-def _external_batches(
-    items: list[dict[str, Any]], cfg: PreprocessConfig, batch_size: int, workers: int, rejects: list[dict[str, Any]]
-) -> Iterator[dict[str, Any]]:
-    """Batches of the readable images, decoded in threads while the model scores the batch before;
-    each unreadable one is appended to `rejects` with its reason."""
-    loaded = ordered_prefetch(items, lambda item: _load_external(item, cfg), workers, ahead=2 * batch_size)
-    for chunk in batched(loaded, batch_size):
-        rejects += [{"filename": item["filename"], "reason": img} for item, img in chunk if isinstance(img, str)]
-        chunk = [(item, img) for item, img in chunk if not isinstance(img, str)]
-        if not chunk:
-            continue
-        yield {
-            "image": torch.from_numpy(np.stack([img for _, img in chunk])[:, None]),
-            "label": torch.tensor([int(item["label"]) for item, _ in chunk], dtype=torch.int64),
-            "key": [item["key"] for item, _ in chunk],
-            "meta": [{k: item[k] for k in ("source", "patient_id", "filename")} for item, _ in chunk],
-        }
-
-
-def evaluate_external(
-    checkpoint_path: Path,
-    items: list[dict[str, Any]],
-    label_rejects: list[dict[str, Any]],
-    params: EvaluateParams,
-    seed: int,
-    max_reject_fraction: float,
-    workers: int,
-    root: str,
-    engine: str = "auto",
-    show_progress: bool = False,
-    rejects_path: Path | None = None,
-) -> EvalResult:
-    """Score an external test set: `items` = [{key, path, label, source, patient_id, filename}].
-
-    Images go through the checkpoint's own preprocessing (the shards' code path),
-    so an external number measures the model, not a preprocessing mismatch. A
-    rejected image is listed with its reason; too many rejects is an error, and
-    then every reject is written to `rejects_path`.
-    """
-    ckpt = load_checkpoint(checkpoint_path)
-    cfg = PreprocessConfig.from_dict(ckpt.preprocess)
-    runner = Engine(ckpt, engine, pick_device())
-    rejects = list(label_rejects)
-    total = len(items) + len(label_rejects)
-    threads = max(1, workers or os.cpu_count() or 1)  # decoding releases the GIL (OpenCV, Pillow): threads suffice
-    with tqdm(total=len(items), desc="score external", unit="img", disable=not show_progress, leave=False) as bar:
-        pred = predict_batches(runner, _external_batches(items, cfg, params.batch_size, threads, rejects), bar,
-                               ckpt.meta.get("calibration"))
-    if total == 0:
-        raise CxrError(f"{root}: test.txt lists no images")
-
-    def write_rejects(message: str) -> Path:
-        if rejects_path is None:
-            return Path("(not written: no rejects path given)")
-        atomic_write_json(rejects_path, {"failed": message, "root": root, "label_lines": total,
-                                         "reject_count": len(rejects), "rejects": rejects})  # fmt: skip
-        return rejects_path
-
-    check_reject_fraction(rejects, total, max_reject_fraction, "test images", root, write_rejects)
-    if not pred.keys:
-        raise CxrError(f"{root}: no readable test images to evaluate")
-    threshold = ckpt.threshold_record
-    test = split_report(pred, ckpt.threshold, params, seed)
-    n_test = test.pop("n")
-    report = {
-        "model": identity(ckpt),
-        "threshold": threshold,
-        "n_test": n_test,
-        **test,
-        "dataset": {"root": root, "label_lines": total, "reject_count": len(rejects), "rejects": rejects},
-        "calibration_model": ckpt.meta.get("calibration") or calibration_mod.IDENTITY,
-        "device": str(runner.device),
-        "inference": runner.describe(),
-    }
-    return EvalResult(report, pred)
 
 
 def write_json(path: Path, obj: Any) -> None:
@@ -343,6 +216,15 @@ def write_outputs(result: EvalResult, out: Path, predictions: Path | None, plots
     if plots_dir is not None:
         write_plots(plots_dir, result.test, threshold, result.val)
     write_json(out, result.report)
+
+
+def headline(r: dict[str, Any], out: Path) -> dict[str, Any]:
+    """The few numbers `cxr evaluate` prints on stdout (as JSON); the full report is in OUT."""
+    calibration = {k: r["calibration"][k] for k in ("brier", "brier_uncalibrated", "ece", "ece_uncalibrated")}
+    return {"out": str(out), "n_test": r["n_test"], "threshold": r["threshold"]["value"], "accuracy": r["accuracy"],
+            "macro_f1": r["macro"]["f1"], "roc_auc": r["roc_auc"], "roc_auc_ci95": r["roc_auc_ci95"],
+            "sensitivity": r["sensitivity"], "specificity": r["specificity"], "engine": r["inference"]["engine"],
+            "calibration": calibration}  # fmt: skip
 
 
 def human_summary(r: dict[str, Any], out: Path) -> str:

@@ -305,3 +305,10 @@ def shard_test_images(shard_dir: Path | str, count: int) -> np.ndarray:
     if not chunks:
         raise CxrError(f"{shard_dir}: no test images to verify the export on")
     return np.concatenate(chunks)[:count]
+
+
+def export_summary(path: Path) -> dict[str, Any]:
+    """What `cxr export` prints: the file, the model it holds and the ONNX facts, read back from the file itself."""
+    meta = onnx_meta(onnx_session(path, providers=["CPUExecutionProvider"]), path)
+    return {"out": str(path), "model": meta["model"], "variant": meta["variant"],
+            "checkpoint_sha256": meta["checkpoint_sha256"], **meta["onnx"]}  # fmt: skip

@@ -34,6 +34,9 @@ from train.models import ScreeningNet, inference_param_count
 from train.runtime import pick_device
 
 CPU_PATHS = ("eager", "onnxruntime", "compile")
+# What `cxr latency` prints; the full report is in its OUT.
+HEADLINE = ("model", "params_m", "cpu_ms_per_image", "cpu_fastest_path", "cpu_fastest_ms_per_image", "floor_ms",
+            "cpu_fastest_ratio_to_floor", "gpu_ms_per_image")  # fmt: skip
 
 
 def _path_result(
@@ -216,3 +219,8 @@ def latency_for_checkpoint(
     report["variant"] = ckpt.variant
     report["checkpoint_sha256"] = ckpt.file_sha256()
     return report
+
+
+def parse_paths(text: str) -> tuple[str, ...]:
+    """--paths "eager, onnxruntime" -> ("eager", "onnxruntime"); checked by `cpu_paths`."""
+    return tuple(s.strip() for s in text.split(",") if s.strip())

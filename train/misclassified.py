@@ -23,8 +23,8 @@ import torch
 from matplotlib.figure import Figure
 
 from pipeline.errors import CxrError
-from pipeline.figures import save_figure, shard_images
-from pipeline.shard_format import read_summary
+from pipeline.fileio import save_figure
+from pipeline.shard_format import read_summary, shard_images
 from train.calibration import PROB_COLUMN
 from train.checkpoint import load_checkpoint
 from train.gradcam import gradcam_heatmaps, overlay

@@ -170,3 +170,20 @@ def best_by_pair(runs: list[Run]) -> dict[tuple[str, str], Run]:
         if key not in best or run.val_f1 > best[key].val_f1:
             best[key] = run
     return best
+
+
+def shown_runs(runs: list[Run]) -> list[Run]:
+    """The runs the report's tables show: per (model, variant) the best by validation, sorted by model, variant."""
+    return sorted(best_by_pair(runs).values(), key=lambda r: (r.model, r.variant))
+
+
+def collect_runs(runs_dir: Path | None, exp_json: Path | None, eval_name: str, latency_name: str,
+                 repo: Path) -> tuple[list[Run], list[str]]:  # fmt: skip
+    """The runs `cxr report` compares, and the experiments skipped with why: from a folder of runs
+    (--runs), a saved `dvc exp show --json` (--exp-json), or `dvc exp show` run in `repo`."""
+    if runs_dir is not None and exp_json is not None:
+        raise CxrError("pass either --runs or --exp-json, not both")
+    if runs_dir is not None:
+        return runs_from_dir(runs_dir), []
+    data = json.loads(exp_json.read_text()) if exp_json is not None else exp_show_json(repo)
+    return runs_from_exp_show(data, eval_name, latency_name)
