@@ -108,3 +108,21 @@ def test_weights_draw_whole_patients():
     for w in next(intervals.resample_weights(codes, 50, 0)):
         assert w[0] == w[1] == w[2]  # a patient's images are drawn together
         assert w.sum() in (2, 4, 6)  # two patient draws: b+b, a+b or a+a
+
+
+@pytest.mark.parametrize("n, patients, levels", [(40, 12, 5), (301, 90, 1000), (7, 3, 2)])
+def test_bootstrap_auc_equals_sklearn_on_every_resample(n, patients, levels):
+    """The vectorised weighted Mann-Whitney AUC is sklearn's weighted ROC AUC, resample by resample,
+    with tied scores (few levels), duplicated patients and resamples that drew one class (NaN)."""
+    rng = np.random.default_rng(n)
+    labels = rng.integers(0, 2, n)
+    probs = rng.integers(0, levels, n) / levels  # ties on purpose
+    codes = intervals.patient_codes(rng.integers(0, patients, n).astype(str), n)
+    got = intervals.bootstrap_auc(labels, probs, codes, 300, seed=5)
+    expected = []
+    for w in np.concatenate(list(intervals.resample_weights(codes, 300, seed=5))):
+        keep = w > 0
+        one_class = labels[keep].min() == labels[keep].max()
+        expected.append(np.nan if one_class else roc_auc_score(labels[keep], probs[keep], sample_weight=w[keep]))
+    np.testing.assert_allclose(got, np.asarray(expected), rtol=0, atol=1e-12)  # NaN where sklearn has none
+    assert got.shape == (300,) and (n != 7 or np.isnan(got).any())

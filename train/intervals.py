@@ -8,8 +8,8 @@ serves every metric of a split, so their intervals describe the same draws.
 
 A resample is a weight per image (its patient's draw count). Counts of the
 confusion cells are weighted sums, so the rates, accuracy and F1 of 1000
-resamples are a few matrix products; ROC AUC takes sklearn's weighted AUC, which
-equals the AUC of the data with each image repeated `weight` times.
+resamples are a few matrix products; so is ROC AUC, as the weighted Mann-Whitney
+statistic, which equals the AUC of the data with each image repeated `weight` times.
 
 At a 100% estimate every resample gives 1.0 too, so the bootstrap interval
 collapses to [1, 1]. Sensitivity, specificity, PPV and NPV therefore also get a
@@ -25,7 +25,6 @@ from typing import Any
 
 import numpy as np
 from scipy.stats import binomtest
-from sklearn.metrics import roc_auc_score
 
 from pipeline.errors import CxrError
 
@@ -110,17 +109,29 @@ def bootstrap_counts(labels: np.ndarray, predicted: np.ndarray, codes: np.ndarra
 
 
 def bootstrap_auc(labels: np.ndarray, probs: np.ndarray, codes: np.ndarray, n_boot: int, seed: int) -> np.ndarray:
-    """ROC AUC of each resample; NaN for one that drew a single class."""
+    """ROC AUC of each resample; NaN for one that drew a single class.
+
+    The weighted Mann-Whitney statistic, P(positive scores above negative) + 1/2 P(tie), with each
+    image weighted by its draw count: exactly the area sklearn's weighted `roc_auc_score` gives, for
+    a whole chunk of resamples in a few array operations. Hand-written because 1000 sklearn calls
+    took 6.8 s on 320 images (longer than ONNX Runtime took to score them), this about 0.1 s.
+    """
+    labels, probs = np.asarray(labels), np.asarray(probs, dtype=np.float64)
+    order = np.argsort(probs, kind="stable")
+    sorted_probs = probs[order]
+    # One column per distinct score, in increasing order: tied images share a column.
+    starts = np.flatnonzero(np.r_[True, sorted_probs[1:] != sorted_probs[:-1]])
+    positive = (labels[order] == 1).astype(np.float64)
     out = []
     for chunk in resample_weights(codes, n_boot, seed):
-        for w in chunk:
-            keep = w > 0
-            y = labels[keep]
-            if y.min() == y.max():
-                out.append(np.nan)
-            else:
-                out.append(roc_auc_score(y, probs[keep], sample_weight=w[keep]))
-    return np.asarray(out, dtype=np.float64)
+        w = chunk[:, order]
+        pos = np.add.reduceat(w * positive, starts, axis=1)  # (resamples, distinct scores)
+        neg = np.add.reduceat(w * (1.0 - positive), starts, axis=1)
+        below = np.cumsum(neg, axis=1) - neg  # negative weight strictly below each score
+        pairs = pos.sum(axis=1) * neg.sum(axis=1)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            out.append(np.where(pairs > 0, (pos * (below + 0.5 * neg)).sum(axis=1) / pairs, np.nan))
+    return np.concatenate(out) if out else np.empty(0)
 
 
 def describe(n_boot: int, seed: int, codes: np.ndarray) -> dict[str, Any]:
