@@ -313,6 +313,24 @@ def bench_train(
     )
 
 
+@app.command("bench-latency", rich_help_panel=BENCHMARKS)
+@_fail_cleanly
+def bench_latency(
+    arch: Annotated[str, typer.Option(help="Networks to time, comma-separated")] = "resnet50,densenet121,inceptionv3,vgg16",
+    threads: Annotated[str, typer.Option(help="Thread counts, comma-separated")] = "1,2",
+    params: ParamsOpt = Path("params.yaml"),
+) -> None:
+    """Benchmark batch-1 CPU latency against the fp32 floor (FLOPs / peak measured in the same run).
+
+    Reads: params (latency.warmup, latency.runs, preprocess.size). Writes nothing; prints, per network
+    and thread count, eager and ONNX Runtime milliseconds and the fastest path's ratio to the floor.
+    """
+    from train.latency import batch1_benchmark, parse_counts, parse_paths
+
+    p = _params(params)
+    _echo_json(batch1_benchmark(parse_paths(arch), parse_counts(threads), p.preprocess.size, p.latency))
+
+
 @app.command("bench-screen", rich_help_panel=BENCHMARKS)
 @_fail_cleanly
 def bench_screen(

@@ -15,6 +15,7 @@ well below 1 says the milliseconds are inflated by other load, not the model.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import tempfile
 from collections.abc import Callable
@@ -30,7 +31,8 @@ from pipeline.params import LatencyParams
 from train.checkpoint import load_checkpoint
 from train.export import INPUT_NAME, OUTPUT_NAME, export_graph, logit_agreement, onnx_session
 from train.machine import allocator_name, available_cores, count_flops, cpu_model_name, peak_gflops, time_runs
-from train.models import ScreeningNet, inference_param_count
+from pipeline.names import MODEL_NAMES
+from train.models import ScreeningNet, build_model, inference_param_count
 from train.runtime import pick_device
 
 CPU_PATHS = ("eager", "onnxruntime", "compile")
@@ -221,6 +223,41 @@ def latency_for_checkpoint(
     return report
 
 
+def parse_counts(text: str) -> tuple[int, ...]:
+    """--threads "1, 2" -> (1, 2); anything but positive integers is an error."""
+    parts = parse_paths(text)
+    if not parts or not all(p.isdigit() and int(p) > 0 for p in parts):
+        raise CxrError(f"expected positive integers separated by commas, got {text!r}")
+    return tuple(int(p) for p in parts)
+
+
 def parse_paths(text: str) -> tuple[str, ...]:
     """--paths "eager, onnxruntime" -> ("eager", "onnxruntime"); checked by `cpu_paths`."""
     return tuple(s.strip() for s in text.split(",") if s.strip())
+
+
+def batch1_benchmark(
+    archs: tuple[str, ...], threads: tuple[int, ...], input_size: int, params: LatencyParams
+) -> dict[str, Any]:
+    """Batch-1 latency of randomly initialised networks (weights do not change the cost) at each
+    thread count, eager and ONNX Runtime, each against the fp32 floor measured in the same run."""
+    unknown = [a for a in archs if a not in MODEL_NAMES]
+    if unknown or not archs or not threads or min(threads) < 1:
+        raise CxrError(f"bench-latency: --arch from {', '.join(MODEL_NAMES)}, --threads >= 1; got {archs}, {threads}")
+    # batch 1 for both timings: the batch-throughput figure is the latency stage's, not this benchmark's
+    single = dataclasses.replace(params, batch=1)
+    rows = []
+    for count in threads:
+        for arch in archs:
+            torch.manual_seed(0)
+            report = measure_latency(build_model(arch), input_size, dataclasses.replace(single, threads=count))
+            paths = report["cpu_paths"]
+            rows.append({
+                "model": arch, "threads": count, "floor_ms": report["floor_ms"],
+                "peak_gflops_fp32": report["peak_gflops_fp32"],
+                **{f"{name}_ms": p.get("ms_per_image") for name, p in paths.items()},
+                "fastest": report["cpu_fastest_path"], "fastest_ratio_to_floor": report["cpu_fastest_ratio_to_floor"],
+                "cpu_share_min": report["cpu_share_min"],
+            })  # fmt: skip
+    return {"cpu": cpu_model_name(), "allocator": allocator_name(), "torch": torch.__version__,
+            "warmup": params.warmup, "runs": params.runs, "rows": rows}  # fmt: skip
