@@ -30,27 +30,24 @@ def read_bytes(location: str | Path, limit: int) -> bytes:
     """A whole file from a local path or a URL (through fsspec), refused past `limit` bytes.
 
     At most limit + 1 bytes are ever read, whatever size the server or file system claims."""
-    too_big = CxrError(f"{location} is larger than the {limit} bytes allowed for it; refusing it")
     if not is_url(location):
         try:
             with open(location, "rb") as fh:
                 data = fh.read(limit + 1)
         except OSError as exc:
             raise CxrError(f"cannot read {location}: {exc.strerror or exc}") from None
-        if len(data) > limit:
-            raise too_big
-        return data
-    import fsspec  # only for URLs: local runs never import it
+    else:
+        import fsspec  # only for URLs: local runs never import it
 
-    try:
-        with fsspec.open(str(location), "rb") as fh:
-            data = fh.read(limit + 1)
-    except ImportError as exc:  # fsspec names the backend package to install (s3fs, gcsfs, ...)
-        raise CxrError(f"cannot read {location}: {exc}") from None
-    except Exception as exc:  # network, HTTP status and permission errors come in many types per backend
-        raise CxrError(f"cannot read {location}: {type(exc).__name__}: {exc}") from None
+        try:
+            with fsspec.open(str(location), "rb") as fh:
+                data = fh.read(limit + 1)
+        except ImportError as exc:  # fsspec names the backend package to install (s3fs, gcsfs, ...)
+            raise CxrError(f"cannot read {location}: {exc}") from None
+        except Exception as exc:  # network, HTTP status and permission errors come in many types per backend
+            raise CxrError(f"cannot read {location}: {type(exc).__name__}: {exc}") from None
     if len(data) > limit:
-        raise too_big
+        raise CxrError(f"{location} is larger than the {limit} bytes allowed for it; refusing it")
     return data
 
 

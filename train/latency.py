@@ -27,11 +27,11 @@ import torch
 from tqdm import tqdm
 
 from pipeline.errors import CxrError
+from pipeline.names import MODEL_NAMES
 from pipeline.params import LatencyParams
 from train.checkpoint import load_checkpoint
 from train.export import INPUT_NAME, OUTPUT_NAME, export_graph, logit_agreement, onnx_session
 from train.machine import allocator_name, available_cores, count_flops, cpu_model_name, peak_gflops, time_runs
-from pipeline.names import MODEL_NAMES
 from train.models import ScreeningNet, build_model, inference_param_count
 from train.runtime import pick_device
 
