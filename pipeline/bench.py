@@ -10,6 +10,7 @@ the pool's forkserver.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import os
 import tempfile
@@ -20,9 +21,11 @@ from typing import Any
 from PIL import Image, ImageOps
 
 from pipeline.imageio import ImageRejected, decode_grey
+from pipeline.labels import read_image_file
 from pipeline.manifest import build_manifest, read_manifest
 from pipeline.params import DataParams, PreprocessParams, ShardParams
-from pipeline.preprocess import PreprocessConfig
+from pipeline.preprocess import PreprocessConfig, decode_image, preprocess_array
+from pipeline.shard_format import encode_png
 from pipeline.shard_worker import process_pool
 
 
@@ -50,6 +53,45 @@ def decode_only(args: tuple[str, PreprocessConfig]) -> int:
         return decode_grey(Path(path).read_bytes(), cfg.limits, reduce_to).size
     except ImageRejected:
         return 0
+
+
+def step_costs(root: Path, relatives: list[str], cfg: PreprocessConfig) -> dict[str, Any]:
+    """Milliseconds per image of each step a shard worker runs, timed one image at a time in this process.
+
+    The ratio of the decode-only pass's steps (plain read, decode) to the stage's
+    steps is the most the stage can reach against that floor with perfect
+    parallelism and a free parent process: the benchmark prints it beside the
+    measured ratio, so a shortfall reads as the stage's own work, not overhead.
+    """
+    totals = dict.fromkeys(("read_inside_root", "read_plain", "sha256", "decode", "preprocess", "png_encode"), 0.0)
+    reduce_to = (cfg.top_crop, cfg.size) if cfg.reduced_decode else None
+    timed = 0
+    for relative in relatives:
+        marks = [time.perf_counter()]
+        data = read_image_file(str(root), relative, cfg.max_decoded_bytes)
+        if isinstance(data, str):
+            continue  # missing or refused: the floor never reads it either
+        marks.append(time.perf_counter())
+        (root / relative).read_bytes()
+        marks.append(time.perf_counter())
+        hashlib.sha256(data).hexdigest()
+        marks.append(time.perf_counter())
+        try:
+            image = decode_image(data, cfg.limits, relative, reduce_to)[1]
+            marks.append(time.perf_counter())
+            image = preprocess_array(image, cfg)
+        except ImageRejected:
+            continue  # a reject costs the stage little; the floor skips it too
+        marks.append(time.perf_counter())
+        encode_png(image)
+        marks.append(time.perf_counter())
+        for name, start, end in zip(totals, marks, marks[1:]):
+            totals[name] += end - start
+        timed += 1
+    per_image = {k: round(v / max(timed, 1) * 1e3, 3) for k, v in totals.items()}
+    floor = per_image["read_plain"] + per_image["decode"]
+    stage = sum(v for k, v in per_image.items() if k != "read_plain")
+    return {"per_image_ms": per_image, "images_timed": timed, "stage_ceiling_vs_decode_only": round(floor / stage, 2)}
 
 
 def _seconds(fn) -> float:
@@ -92,6 +134,7 @@ def run_preprocess_benchmark(
                     pass
 
         floor()  # warm-up: page cache, forkserver
+        steps = step_costs(root, [e.path for e in read_manifest(tmp_dir / "m.jsonl")], cfg)
         best = {"pipeline": float("inf"), "floor": float("inf"), "naive": float("inf")}
         for _ in range(repeat):
             for name, fn in (("pipeline", pipeline), ("floor", floor), ("naive", naive)):
@@ -108,4 +151,5 @@ def run_preprocess_benchmark(
         "pipeline_images_per_s": round(pipeline_rate, 1),
         "pipeline_vs_naive": round(pipeline_rate / naive_rate, 2),
         "pipeline_vs_decode_only": round(pipeline_rate / floor_rate, 2),
+        "single_process_steps": steps,
     }

@@ -318,6 +318,7 @@ def bench_train(
 def bench_latency(
     arch: Annotated[str, typer.Option(help="Networks to time, comma-separated")] = "resnet50,densenet121,inceptionv3,vgg16",
     threads: Annotated[str, typer.Option(help="Thread counts, comma-separated")] = "1,2",
+    rounds: Annotated[int, typer.Option(help="Sweeps of all networks (each keeps its fastest time and highest peak)")] = 3,
     params: ParamsOpt = Path("params.yaml"),
 ) -> None:
     """Benchmark batch-1 CPU latency against the fp32 floor (FLOPs / peak measured in the same run).
@@ -328,7 +329,7 @@ def bench_latency(
     from train.latency import batch1_benchmark, parse_counts, parse_paths
 
     p = _params(params)
-    _echo_json(batch1_benchmark(parse_paths(arch), parse_counts(threads), p.preprocess.size, p.latency))
+    _echo_json(batch1_benchmark(parse_paths(arch), parse_counts(threads), p.preprocess.size, p.latency, rounds))
 
 
 @app.command("bench-screen", rich_help_panel=BENCHMARKS)

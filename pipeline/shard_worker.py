@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import hashlib
 import multiprocessing
-import os
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 
 import cv2
 
 from pipeline.imageio import ImageRejected
-from pipeline.labels import open_inside
+from pipeline.labels import read_image_file
 from pipeline.manifest import ManifestEntry
 from pipeline.preprocess import PreprocessConfig, decode_and_preprocess
 from pipeline.shard_format import encode_png
@@ -35,21 +34,6 @@ class ShardResult:
     width: int = 0
     height: int = 0
     reason: str = ""
-
-
-def read_image_file(root: str, relative: str, max_bytes: int) -> bytes | str:
-    """The file's bytes, or why not: outside the root (symlinks resolved), not a file, unreadable, too big."""
-    opened = open_inside(root, relative)
-    if isinstance(opened, str):
-        return opened
-    fd, info = opened
-    with os.fdopen(fd, "rb") as fh:
-        if info.st_size > max_bytes:  # before reading: a 4 GB "image" must not be pulled into memory
-            return f"file is {info.st_size / 2**20:.0f} MiB, over the bound of {max_bytes / 2**20:.0f} MiB"
-        try:
-            return fh.read(max_bytes + 1)
-        except OSError as exc:
-            return f"cannot read file: {exc.strerror or exc}"
 
 
 def process_one(task: ShardTask) -> ShardResult:

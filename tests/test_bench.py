@@ -37,3 +37,20 @@ def test_benchmark_reports_three_rates_over_every_image(sample_root):
     assert all(r > 0 for r in rates)
     assert result["pipeline_vs_naive"] == pytest.approx(rates[0] / rates[2], abs=0.02)
     assert result["pipeline_vs_decode_only"] == pytest.approx(rates[0] / rates[1], abs=0.02)
+    assert result["single_process_steps"]["images_timed"] > 0
+
+
+def test_step_costs_time_every_step_of_a_shard_worker(sample_root):
+    from pipeline.bench import step_costs
+
+    cfg = PreprocessConfig.for_variant(PARAMS.preprocess, "equalized")
+    relatives = [f"train/{p.name}" for p in sorted((sample_root / "train").iterdir())]
+    result = step_costs(sample_root, relatives + ["train/missing.png"], cfg)
+    steps = result["per_image_ms"]
+    assert list(steps) == ["read_inside_root", "read_plain", "sha256", "decode", "preprocess", "png_encode"]
+    assert 0 < result["images_timed"] <= len(relatives) and all(v >= 0 for v in steps.values())
+    assert steps["decode"] > 0 and steps["png_encode"] > 0
+    floor = steps["read_plain"] + steps["decode"]
+    stage = floor - steps["read_plain"] + steps["read_inside_root"] + steps["sha256"] + steps["preprocess"] + steps["png_encode"]
+    assert result["stage_ceiling_vs_decode_only"] == pytest.approx(floor / stage, abs=0.01)
+    assert 0 < result["stage_ceiling_vs_decode_only"] < 1  # the stage does the floor's work and more

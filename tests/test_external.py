@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import cv2
+import numpy as np
 import pytest
 from typer.testing import CliRunner
 
@@ -118,3 +119,27 @@ def test_shifted_external_sample_scores_with_patient_intervals(tmp_path, externa
     assert report["n_test"] == 6 and report["intervals"]["n_patients"] == len(patients)
     assert report["at_prevalence"]["prevalence"] == 0.05 and "calibration" in report
     assert (plots / "reliability_test.json").is_file() and not (plots / "reliability_val.json").exists()
+
+
+def test_external_images_are_bounded_and_rechecked_inside_the_root_when_read(tmp_path):
+    from train.external import _load_external
+
+    cfg = PreprocessConfig.for_variant(load_params(REPO / "params.yaml").preprocess, "equalized")
+    (tmp_path / "test").mkdir()
+    (tmp_path / "test.txt").write_text("p1 big.png positive src\np2 swapped.png negative src\n")
+    big = tmp_path / "test" / "big.png"
+    big.write_bytes(b"\0" * 64)
+    (tmp_path / "test" / "swapped.png").write_bytes(b"x")
+    secret = tmp_path.parent / f"{tmp_path.name}-outside.png"
+    cv2.imwrite(str(secret), (np.arange(64 * 64) % 255).reshape(64, 64).astype(np.uint8))
+    items, rejects = external_test_items(tmp_path)
+    assert len(items) == 2 and rejects == []
+    # after the listing: one file grows past the decode bound, the other becomes a link out of ROOT
+    with open(big, "r+b") as fh:
+        fh.truncate(cfg.max_decoded_bytes + 1)  # sparse: nothing of it may be read into memory
+    (tmp_path / "test" / "swapped.png").unlink()
+    (tmp_path / "test" / "swapped.png").symlink_to(secret)
+    reasons = [_load_external(item, cfg) for item in items]
+    assert all(isinstance(r, str) for r in reasons), "both must be rejects, not images"
+    assert "over the bound" in reasons[0]
+    assert "outside the dataset root" in reasons[1]

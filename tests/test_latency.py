@@ -97,9 +97,11 @@ def test_bench_latency_prints_each_network_and_thread_count_against_its_floor(tm
     params = tmp_path / "params.yaml"
     params.write_text(yaml.safe_dump(raw))
     result = CliRunner().invoke(app, ["bench-latency", "--arch", "alexnet,resnet50", "--threads", "1",
-                                      "--params", str(params)])  # fmt: skip
+                                      "--rounds", "2", "--params", str(params)])  # fmt: skip
     assert result.exit_code == 0, result.output
     report = json.loads(result.output[result.output.index("{"):])
+    # two rounds, one row per network and thread count: the fastest time of each path is kept
+    assert report["rounds"] == 2
     assert [(r["model"], r["threads"]) for r in report["rows"]] == [("alexnet", 1), ("resnet50", 1)]
     for row in report["rows"]:
         assert row["floor_ms"] > 0 and row["eager_ms"] > 0 and row["onnxruntime_ms"] > 0
@@ -111,7 +113,8 @@ def test_bench_latency_prints_each_network_and_thread_count_against_its_floor(tm
 
 @pytest.mark.parametrize("args, message", [(["--arch", "lenet"], "bench-latency: --arch from"),
                                            (["--threads", "0"], "positive integers"),
-                                           (["--threads", "two"], "positive integers")])  # fmt: skip
+                                           (["--threads", "two"], "positive integers"),
+                                           (["--rounds", "0"], "--rounds >= 1")])  # fmt: skip
 def test_bench_latency_refuses_unknown_networks_and_bad_thread_counts(args, message):
     result = CliRunner().invoke(app, ["bench-latency", *args])
     assert result.exit_code != 0 and message in result.output

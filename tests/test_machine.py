@@ -46,3 +46,15 @@ def test_conv_peak_is_a_positive_rate_in_both_precisions():
     assert conv_peak_gflops(torch.float32, runs=1) > 0.5
     assert conv_peak_gflops(torch.bfloat16, runs=1) > 0.05
 
+
+
+def test_conv_peak_times_runs_long_enough_to_measure(monkeypatch):
+    """One convolution lasts ~2 ms on an AMX CPU: each timed run repeats it for min_seconds."""
+    torch.set_num_threads(1)
+    calls = []
+    forward = torch.nn.Conv2d.forward
+    monkeypatch.setattr(torch.nn.Conv2d, "forward", lambda self, x: calls.append(1) or forward(self, x))
+    rate = conv_peak_gflops(torch.float32, runs=2, min_seconds=0.6)
+    warmup_and_calibration = 5
+    assert rate > 0.5
+    assert len(calls) - warmup_and_calibration >= 2 * 2  # 2 runs of at least 2 convolutions each

@@ -14,6 +14,7 @@ from typer.testing import CliRunner
 
 from pipeline.cli import app
 from pipeline.dicom import read_dicom
+from pipeline.errors import CxrError
 from pipeline.preprocess import PreprocessConfig, preprocess_array, preprocess_bytes
 from train.calibration import PROB_COLUMN
 from train.calibration import apply as calibrate
@@ -265,3 +266,19 @@ def test_a_second_run_on_the_same_csv_is_refused_and_leaves_the_first_runs_rows(
     assert out.read_bytes() == written  # neither truncated nor interleaved
     again = run(str(inputs / "a.png"), "--model", str(checkpoint), "--out", str(out))
     assert again.exit_code == 0 and out.read_bytes() == written  # the lock went with its holder
+
+
+def test_a_file_that_grows_while_it_is_read_is_an_error_not_a_longer_read(inputs, monkeypatch):
+    """load_image reads st_size + 1 bytes (read() would first allocate the whole 128 MiB bound)."""
+    from train import predict
+
+    real_fstat = predict.os.fstat
+
+    class Shrunk:
+        def __init__(self, info):
+            self.st_size, self.st_mode = info.st_size - 100, info.st_mode
+
+    assert load_image(inputs / "a.png", CFG).shape == (CFG.size, CFG.size)
+    monkeypatch.setattr(predict.os, "fstat", lambda fd: Shrunk(real_fstat(fd)))
+    with pytest.raises(CxrError, match="grew while it was being read"):
+        load_image(inputs / "a.png", CFG)

@@ -52,3 +52,22 @@ def test_pool_workers_give_the_same_bytes_as_the_main_process(tmp_path):
     with process_pool(2) as pool:
         pooled = list(pool.map(process_one, tasks, chunksize=2))
     assert [r.png for r in pooled] == [process_one(t).png for t in tasks]
+
+
+def test_a_file_that_grows_after_its_stat_is_a_changed_file_not_a_longer_read(tmp_path, monkeypatch):
+    """The worker reads st_size + 1 bytes (not the 128 MiB bound + 1, which read() would allocate):
+    a file that grew between the stat and the read is caught by the sha256 check."""
+    from pipeline import labels
+
+    path = radiograph_png(tmp_path)
+    task = task_for(path)
+    real_fstat = labels.os.fstat
+
+    class Shrunk:
+        def __init__(self, info):
+            self.st_size, self.st_mode = info.st_size - 100, info.st_mode
+
+    monkeypatch.setattr(labels.os, "fstat", lambda fd: Shrunk(real_fstat(fd)), raising=True)
+    data = labels.read_image_file(task.root, task.entry.path, CFG.max_decoded_bytes)
+    assert isinstance(data, bytes) and len(data) == path.stat().st_size - 99
+    assert "changed since ingest" in process_one(task).reason

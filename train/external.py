@@ -19,7 +19,7 @@ from tqdm import tqdm
 from pipeline.errors import CxrError
 from pipeline.fileio import atomic_write_json
 from pipeline.imageio import ImageRejected
-from pipeline.labels import open_inside, parse_label_file
+from pipeline.labels import open_inside, parse_label_file, read_image_file
 from pipeline.params import DataParams, EvaluateParams, TrainParams
 from pipeline.preprocess import PreprocessConfig, preprocess_bytes
 from pipeline.rejects import check_reject_fraction
@@ -53,6 +53,8 @@ def external_test_items(root: Path) -> tuple[list[dict[str, Any]], list[dict[str
             {
                 "key": f"ext_{line.line_no:06d}",
                 "path": root / "test" / line.filename,
+                "root": str(root),
+                "relative": f"test/{line.filename}",
                 "label": line.label,
                 "source": line.source,
                 "patient_id": line.patient_id,
@@ -64,10 +66,11 @@ def external_test_items(root: Path) -> tuple[list[dict[str, Any]], list[dict[str
 
 def _load_external(item: dict[str, Any], cfg: PreprocessConfig) -> np.ndarray | str:
     """Preprocessed image, or the reason it was rejected."""
-    try:
-        data = Path(item["path"]).read_bytes()
-    except OSError as exc:
-        return f"cannot read {item['path']}: {exc.strerror or exc}"
+    # Re-checked inside ROOT when read (a link swapped in since the listing is refused), and a file
+    # over the decode bound is refused from its size before a byte of it is read.
+    data = read_image_file(item["root"], item["relative"], cfg.max_decoded_bytes)
+    if isinstance(data, str):
+        return data
     try:
         return preprocess_bytes(data, cfg, str(item["path"]))
     except ImageRejected as exc:

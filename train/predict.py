@@ -126,9 +126,11 @@ def load_image(path: Path, cfg: PreprocessConfig) -> np.ndarray:
             size = os.fstat(fh.fileno()).st_size
             if size > cfg.max_decoded_bytes:  # checked before reading: the file itself must fit the bound
                 raise CxrError(f"file is {size / 2**20:.0f} MiB, over the bound of {cfg.max_decoded_bytes / 2**20:.0f} MiB")
-            data = fh.read(cfg.max_decoded_bytes + 1)
+            data = fh.read(size + 1)  # not the bound + 1: read() would allocate all of it first
     except OSError as exc:
         raise CxrError(f"cannot read file: {exc.strerror or exc}") from None
+    if len(data) > size:
+        raise CxrError("file grew while it was being read")
     return preprocess_bytes(data, cfg, str(path))
 
 
