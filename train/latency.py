@@ -252,7 +252,7 @@ def batch1_benchmark(
 
     With `rounds` > 1 the whole sweep repeats and each network keeps its fastest time per path
     and its highest peak probe (so the floor is never flattering): on a shared host the second
-    core's speed drifts within minutes, and one sweep's 2-thread timings moved by up to 30%
+    core's speed drifts within minutes, and single sweeps' 2-thread timings moved by 20-40%
     between runs, so the best of interleaved rounds is the steadier figure.
     """
     unknown = [a for a in archs if a not in MODEL_NAMES]
@@ -269,19 +269,20 @@ def batch1_benchmark(
             for arch in archs:
                 torch.manual_seed(0)
                 report = measure_latency(build_model(arch), input_size, dataclasses.replace(single, threads=count))
-                row = best.setdefault((arch, count), {"model": arch, "threads": count, "peak_gflops_fp32": 0.0,
-                                                      "gflops": report["gflops"], "cpu_share_min": 1.0})  # fmt: skip
-                row["peak_gflops_fp32"] = max(row["peak_gflops_fp32"], report["peak_gflops_fp32"])
-                row["cpu_share_min"] = min(row["cpu_share_min"], report["cpu_share_min"])
+                seen = best.setdefault((arch, count), {"gflops": report["gflops"], "peak": 0.0, "share": 1.0, "ms": {}})
+                seen["peak"] = max(seen["peak"], report["peak_gflops_fp32"])
+                seen["share"] = min(seen["share"], report["cpu_share_min"])
                 for name, path in report["cpu_paths"].items():
                     if path.get("correct"):  # only a path that computes eager's answer may be fastest
-                        row[f"{name}_ms"] = min(row.get(f"{name}_ms", float("inf")), path["ms_per_image"])
+                        seen["ms"][name] = min(seen["ms"].get(name, float("inf")), path["ms_per_image"])
     rows = []
-    for row in best.values():
-        row["floor_ms"] = row.pop("gflops") / row["peak_gflops_fp32"] * 1e3
-        timed = {k[: -len("_ms")]: v for k, v in row.items() if k.endswith("_ms") and k != "floor_ms"}
-        row["fastest"] = min(timed, key=timed.get)
-        row["fastest_ratio_to_floor"] = timed[row["fastest"]] / row["floor_ms"]
-        rows.append(row)
+    for (arch, count), seen in best.items():
+        floor_ms = seen["gflops"] / seen["peak"] * 1e3
+        fastest = min(seen["ms"], key=seen["ms"].get)
+        rows.append({
+            "model": arch, "threads": count, "peak_gflops_fp32": seen["peak"], "cpu_share_min": seen["share"],
+            **{f"{name}_ms": ms for name, ms in seen["ms"].items()},
+            "floor_ms": floor_ms, "fastest": fastest, "fastest_ratio_to_floor": seen["ms"][fastest] / floor_ms,
+        })  # fmt: skip
     return {"cpu": cpu_model_name(), "allocator": allocator_name(), "torch": torch.__version__,
             "warmup": params.warmup, "runs": params.runs, "rounds": rounds, "rows": rows}  # fmt: skip
