@@ -1,22 +1,16 @@
 """The names every stage must agree on, defined once and free of torch.
 
-params.py builds its type checks from these tuples, the report lays out its
-tables by them, and tests/test_names.py holds train/models.py's registry to
-MODEL_NAMES: adding a network means a builder in train/models.py plus its name
-and display name here (and the comment in params.yaml).
+params.py builds its type checks from these tuples and the report lays out its
+tables by them. The networks come from their registry (pipeline/networks.py):
+adding one there adds it here.
 """
 
 from __future__ import annotations
 
-# In the study's order (its tables list the networks this way).
-MODEL_DISPLAY = {
-    "alexnet": "AlexNet",
-    "vgg16": "VGG16",
-    "resnet50": "ResNet50",
-    "densenet121": "DenseNet121",
-    "inceptionv3": "InceptionV3",
-}
-MODEL_NAMES = tuple(MODEL_DISPLAY)
+from pipeline.networks import NETWORKS
+
+MODEL_NAMES = tuple(NETWORKS)  # in the study's order
+MODEL_DISPLAY = {name: net.display for name, net in NETWORKS.items()}
 
 # 'plain': grey, cropped, resized; 'equalized': the same, then histogram equalization.
 VARIANTS = ("plain", "equalized")

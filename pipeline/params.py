@@ -83,7 +83,7 @@ class TrainParams:
     aux_weight: float
     select: Literal["val_loss", "val_auc"]  # which epoch's weights become best.pt
     augment: AugmentParams
-    init: str  # scratch | imagenet | path of a cxr-screen checkpoint to fine-tune (train/pretrained.py)
+    init: str  # scratch | imagenet | path of a cxr-screen checkpoint to fine-tune (train/fit/starting_weights.py)
     freeze: FreezeMode  # backbone: train the final classifier layer(s) only
 
 

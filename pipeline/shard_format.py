@@ -5,10 +5,11 @@ shards named `{split}-{NNNNNN}.tar` and one `summary.json`. Each sample has
 `__key__` (our own, dot-free), `png` (1-channel uint8 image), `cls` (b"0"
 negative, b"1" positive) and `json` (provenance, sorted keys).
 
-This module is the format's one owner: the shard writer, the training and
-evaluation reader (train/data.py) and the test fixtures all encode and decode
-samples and summaries through it. It stays free of torch and webdataset, since
-the shard stage's pool workers import it.
+This module is the format's one owner: it writes the shards (`ShardWriter`, for
+the shard stage and the test fixtures alike), and the training and evaluation
+reader (train/data.py) decodes samples and summaries through it. It stays free
+of torch, and imports webdataset only to write, since the shard stage's pool
+workers import it.
 
 A variant's location is a local folder or a URL (pipeline/locations.py):
 summary.json is read from that same place, and every shard is checked against
@@ -18,6 +19,7 @@ altered in storage or in transit is refused.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -33,7 +35,7 @@ import pyspng
 from tqdm import tqdm
 
 from pipeline.errors import CxrError
-from pipeline.fileio import atomic_write_json, sha256_file
+from pipeline.fileio import atomic_output, atomic_write_json, sha256_file
 from pipeline.locations import is_url, join_location, read_bytes, read_shard
 from pipeline.names import VARIANTS
 
@@ -66,6 +68,10 @@ TAR_SLACK = 2**20
 # Summaries that do not record the bounds (older ones, hand-made fixtures) get this one.
 MAX_SHARD_BYTES_UNRECORDED = 2**30
 
+# Fixed tar metadata: with the default (current time) every run would produce
+# different bytes and DVC could never recognise an unchanged output.
+TAR_MTIME = 0
+
 REJECTS_NAME = "rejects.json"  # written instead of the summary when too many images are rejected
 # Every name the shard stage writes in a variant folder, and so the only names it may delete there.
 OWN_NAMES = (re.compile(rf"(?:{'|'.join(SPLITS)})-\d{{6}}\.tar"), re.compile(re.escape(SUMMARY_NAME)),
@@ -84,6 +90,68 @@ def encode_png(image: np.ndarray) -> bytes:
     if not ok:  # pragma: no cover - encoding a valid uint8 array does not fail
         raise CxrError("PNG encoding failed")
     return png.tobytes()
+
+
+class ShardWriter:
+    """One split's shards: rolls over to a new tar when the count or byte bound is reached.
+
+    The one writer of the format, for the shard stage and the tests alike: fixed tar metadata
+    (TAR_MTIME, owner and group "cxr"), each tar under a temp name until complete, and its
+    name, count and sha256 recorded for the summary (`close()` returns them in write order).
+    """
+
+    def __init__(self, out_dir: Path, split: str, max_count: int, max_bytes: int):
+        self.out_dir, self.split = out_dir, split
+        self.max_count, self.max_bytes = max_count, max_bytes
+        self.shards: list[dict[str, Any]] = []
+        self._writer = None  # webdataset.TarWriter
+        self._stream = None
+        self._count = self._bytes = 0
+
+    def write(self, sample: dict[str, Any], size: int) -> None:
+        if self._writer is None or self._count >= self.max_count or self._bytes + size > self.max_bytes:
+            self._finish()
+            self._open()
+        try:
+            self._writer.write(sample)
+        except OSError as exc:  # a full disk mid-shard: one clean line; abort() then removes the temp file
+            raise CxrError(f"cannot write {self.out_dir / self.shards[-1]['name']}: {exc.strerror or exc}") from None
+        self._count += 1
+        self._bytes += size
+
+    def _open(self) -> None:
+        name = shard_name(self.split, len(self.shards))
+        self._commit = contextlib.ExitStack()
+        self._stream = self._commit.enter_context(atomic_output(self.out_dir / name))
+        # Imported here: the shard stage's pool workers import this module and never write a tar.
+        import webdataset as wds
+
+        self._writer = wds.TarWriter(self._stream, mtime=TAR_MTIME, user="cxr", group="cxr")
+        self.shards.append({"name": name, "count": 0})
+        self._count = self._bytes = 0
+
+    def _finish(self) -> None:
+        if self._writer is None:
+            return
+        self._writer.close()  # the tar trailer; the stream is the commit's, closed by it
+        self._commit.close()  # fsync + rename to the final name
+        name = self.shards[-1]["name"]
+        self.shards[-1]["count"] = self._count
+        self.shards[-1]["sha256"] = sha256_file(self.out_dir / name)
+        self._writer = None
+
+    def close(self) -> list[dict[str, Any]]:
+        self._finish()
+        return self.shards
+
+    def abort(self) -> None:
+        """Drop the shard being written (its temp file goes); finished shards stay, a rerun rewrites them."""
+        if self._writer is not None:
+            with contextlib.suppress(OSError, ValueError):  # close the tar now, not in a __del__ after the file went
+                self._writer.close()
+            self._commit.__exit__(CxrError, CxrError("aborted"), None)
+            self._writer = None
+
 
 
 def encode_sample(key: str, png: bytes, label: int, meta: dict[str, Any]) -> dict[str, Any]:

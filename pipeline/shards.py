@@ -12,7 +12,6 @@ rewrite byte for byte.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
@@ -21,11 +20,10 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
-import webdataset as wds
 from tqdm import tqdm
 
 from pipeline.errors import CxrError
-from pipeline.fileio import atomic_output, atomic_write_json, output_lock, sha256_file
+from pipeline.fileio import atomic_write_json, output_lock
 from pipeline.manifest import ManifestEntry, read_manifest
 from pipeline.ownership import claim_folder, remove_owned
 from pipeline.params import DataParams, PreprocessParams, ShardParams
@@ -37,17 +35,12 @@ from pipeline.shard_format import (
     OWN_NAMES,
     REJECTS_NAME,
     SPLITS,
+    ShardWriter,
     encode_sample,
     make_summary,
-    shard_name,
     split_record,
     write_summary,
 )
-
-# Fixed tar metadata: with the default (current time) every run would produce
-# different bytes and DVC could never recognise an unchanged output.
-TAR_MTIME = 0
-
 
 def shuffled_order(entries: list[ManifestEntry], seed: int) -> list[ManifestEntry]:
     """Seeded shuffle per split: label files come in class/source blocks, shards must mix them."""
@@ -76,59 +69,6 @@ def _results(tasks: list[ShardTask], workers: int) -> Iterator[ShardResult]:
         return
     with process_pool(workers) as pool:
         yield from pool.map(process_one, tasks, chunksize=4)
-
-
-class _ShardSink:
-    """Rolls over to a new tar when the count or byte bound is reached."""
-
-    def __init__(self, out_dir: Path, split: str, max_count: int, max_bytes: int):
-        self.out_dir, self.split = out_dir, split
-        self.max_count, self.max_bytes = max_count, max_bytes
-        self.shards: list[dict[str, Any]] = []
-        self._writer: wds.TarWriter | None = None
-        self._stream = None
-        self._count = self._bytes = 0
-
-    def write(self, sample: dict[str, Any], size: int) -> None:
-        if self._writer is None or self._count >= self.max_count or self._bytes + size > self.max_bytes:
-            self._finish()
-            self._open()
-        try:
-            self._writer.write(sample)
-        except OSError as exc:  # a full disk mid-shard: one clean line; abort() then removes the temp file
-            raise CxrError(f"cannot write {self.out_dir / self.shards[-1]['name']}: {exc.strerror or exc}") from None
-        self._count += 1
-        self._bytes += size
-
-    def _open(self) -> None:
-        name = shard_name(self.split, len(self.shards))
-        self._commit = contextlib.ExitStack()
-        self._stream = self._commit.enter_context(atomic_output(self.out_dir / name))
-        self._writer = wds.TarWriter(self._stream, mtime=TAR_MTIME, user="cxr", group="cxr")
-        self.shards.append({"name": name, "count": 0})
-        self._count = self._bytes = 0
-
-    def _finish(self) -> None:
-        if self._writer is None:
-            return
-        self._writer.close()  # the tar trailer; the stream is the commit's, closed by it
-        self._commit.close()  # fsync + rename to the final name
-        name = self.shards[-1]["name"]
-        self.shards[-1]["count"] = self._count
-        self.shards[-1]["sha256"] = sha256_file(self.out_dir / name)
-        self._writer = None
-
-    def close(self) -> list[dict[str, Any]]:
-        self._finish()
-        return self.shards
-
-    def abort(self) -> None:
-        """Drop the shard being written (its temp file goes); finished shards stay, a rerun rewrites them."""
-        if self._writer is not None:
-            with contextlib.suppress(OSError, ValueError):  # close the tar now, not in a __del__ after the file went
-                self._writer.close()
-            self._commit.__exit__(CxrError, CxrError("aborted"), None)
-            self._writer = None
 
 
 def write_variant(
@@ -163,7 +103,7 @@ def _write_locked(entries, ingest, root, out_dir, variant, cfg, shard, workers, 
     tasks = [ShardTask(e, str(root), cfg) for e in ordered]
     per_split = Counter(e.split for e in entries)
     sinks = {
-        split: _ShardSink(out_dir, split, balanced_count(per_split[split], shard.max_count), shard.max_bytes)
+        split: ShardWriter(out_dir, split, balanced_count(per_split[split], shard.max_count), shard.max_bytes)
         for split in SPLITS
     }
     try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import math
 import threading
 from collections import Counter
 from collections.abc import Iterator
@@ -11,17 +12,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import webdataset as wds
 
 from pipeline.fileio import sha256_file
 from pipeline.params import DataParams, SampleParams
 from pipeline.shard_format import (
     CLASS_NAMES,
+    ShardWriter,
     encode_png,
     encode_sample,
     make_summary,
     read_summary,
-    shard_name,
     split_record,
     write_summary,
 )
@@ -74,7 +74,7 @@ def make_tiny_shards(
     seed: int = 0,
     variant: str = "plain",
 ) -> Path:
-    """Write a variant directory through the shard format's own encoder (summary.json + tars),
+    """Write a variant directory with the shard format's own writer (summary.json + tars), as the stage does,
     without the raw pipeline."""
     per_class = per_class or {"train": 8, "val": 4, "test": 4}
     rng = np.random.default_rng(seed)
@@ -83,18 +83,14 @@ def make_tiny_shards(
     for split, n in per_class.items():
         labels = [0, 1] * n
         rng.shuffle(labels)
-        chunks = np.array_split(np.arange(len(labels)), min(shard_count, len(labels)))
-        shards = []
-        for s_idx, chunk in enumerate(chunks):
-            name = shard_name(split, s_idx)
-            with wds.TarWriter(str(directory / name), mtime=0) as sink:
-                for i in chunk:
-                    label = labels[i]
-                    png = encode_png(synthetic_image(label, size, rng))
-                    meta = {"patient_id": f"p{split}{i}", "source": "toy", "filename": f"x.{i}.png"}
-                    sink.write(encode_sample(f"{split}_{i:06d}", png, label, meta))
-            shards.append({"name": name, "count": len(chunk), "sha256": sha256_file(directory / name)})
-        splits[split] = split_record(shards, Counter(CLASS_NAMES[c] for c in labels))
+        # the stage's own writer, rolling over by count as the stage does (max_bytes never binds here)
+        writer = ShardWriter(directory, split, max_count=math.ceil(len(labels) / min(shard_count, len(labels))),
+                             max_bytes=2**30)  # fmt: skip
+        for i, label in enumerate(labels):
+            png = encode_png(synthetic_image(label, size, rng))
+            meta = {"patient_id": f"p{split}{i}", "source": "toy", "filename": f"x.{i}.png"}
+            writer.write(encode_sample(f"{split}_{i:06d}", png, label, meta), len(png))
+        splits[split] = split_record(writer.close(), Counter(CLASS_NAMES[c] for c in labels))
     preprocess = {"size": size, "top_crop": 0.08, "equalize": None}
     summary = make_summary(
         variant=variant,

@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import typer
 from typer.testing import CliRunner
 
 from pipeline.cli import app
@@ -15,7 +16,7 @@ runner = CliRunner()
 
 
 def command_names():
-    return sorted(cmd.name or cmd.callback.__name__ for cmd in app.registered_commands)
+    return sorted(typer.main.get_command(app).commands)  # every panel's commands, merged into the one app
 
 
 @pytest.mark.parametrize("name", command_names())
@@ -51,6 +52,7 @@ def test_three_ways_to_run(argv, tmp_path):
     assert "--equalize" in result.stdout
 
 
+@pytest.mark.slow
 def test_ingest_then_shard_from_the_command_line(tmp_path):
     from tests.test_shards import make_dataset
 
@@ -73,15 +75,39 @@ def test_help_groups_commands_into_panels_and_points_new_users_on():
     result = runner.invoke(app, ["--help"], terminal_width=120)
     assert result.exit_code == 0, result.output
     text = result.output
-    stages, screening, benchmarks = (text.index(title) for title in ("Pipeline stages", "Screening", "Benchmarks"))
-    assert stages < screening < benchmarks
-    for name in ("ingest", "shard", "train", "evaluate", "figures", "curves"):
-        assert stages < text.index(f"│ {name} ") < screening, name
-    for name in ("predict", "export", "report"):
-        assert screening < text.index(f"│ {name} ") < benchmarks, name
-    assert benchmarks < text.index("│ bench-train ")
+    titles = ("Pipeline stages", "Screening", "Reports and checks", "Benchmarks")
+    stages, screening, reports, benchmarks = (text.index(title) for title in titles)
+    assert stages < screening < reports < benchmarks  # the order the panels are declared in
+    # each stage in dvc.yaml's order, inside its panel
+    positions = [text.index(f"│ {name} ") for name in ("sample", "ingest", "shard", "train", "evaluate", "latency",
+                                                          "figures", "curves")]  # fmt: skip
+    assert stages < positions[0] and positions == sorted(positions) and positions[-1] < screening
+    for name in ("predict", "export"):
+        assert screening < text.index(f"│ {name} ") < reports, name
+    for name in ("report", "verify"):
+        assert reports < text.index(f"│ {name} ") < benchmarks, name
+    for name in ("bench-preprocess", "bench-memory", "bench-train", "bench-screen", "bench-latency"):
+        assert benchmarks < text.index(f"│ {name} "), name
     flat = " ".join(text.split())
     assert "`dvc repro`" in flat and "`dvc plots show`" in flat
+
+
+def test_every_command_sits_in_a_panel():
+    assert all(cmd.rich_help_panel for cmd in typer.main.get_command(app).commands.values())
+
+
+@pytest.mark.parametrize("flags", [["--plain", "--variant", "equalized"], ["--equalize", "--variant", "plain"]])
+def test_shard_refuses_a_flag_that_contradicts_the_variant(flags, tmp_path):
+    result = runner.invoke(app, ["shard", *flags, "--manifest", str(tmp_path / "missing.jsonl")])
+    assert result.exit_code == 1 and "contradicts --variant" in result.output
+
+
+def test_shard_variant_from_either_spelling():
+    from pipeline.commands.stages import shard_variant
+
+    assert shard_variant(None, None) == "plain"
+    assert shard_variant(True, None) == shard_variant(None, "equalized") == shard_variant(True, "equalized") == "equalized"
+    assert shard_variant(False, "plain") == "plain"
 
 
 def test_version():

@@ -1,5 +1,6 @@
 """dvc.yaml is the pipeline's table of contents: every stage must name a real command and real params."""
 
+import functools
 import shlex
 import subprocess
 import sys
@@ -8,12 +9,14 @@ from pathlib import Path
 import pytest
 import yaml
 
+import typer
+
 from pipeline.cli import app
 
 REPO = Path(__file__).resolve().parents[1]
 DVC = yaml.safe_load((REPO / "dvc.yaml").read_text())
 PARAMS = yaml.safe_load((REPO / "params.yaml").read_text())
-COMMANDS = {cmd.name or cmd.callback.__name__ for cmd in app.registered_commands}
+COMMANDS = set(typer.main.get_command(app).commands)  # the merged panels' commands, as the CLI sees them
 
 
 def stages():
@@ -54,10 +57,24 @@ def test_the_issues_stage_names_exist():
 
 
 def test_every_stage_is_one_cli_command_with_real_options():
+    """Each stage's command line parses as its CLI command would parse it (options, their values, arguments)."""
+    group = typer.main.get_command(app)
     for name, stage in stages():
         argv = shlex.split(stage["cmd"])
         assert argv[:3] == ["python", "-m", "pipeline.cli"], f"{name}: {stage['cmd']}"
         assert argv[3] in COMMANDS, f"{name}: unknown command {argv[3]}"
+        command = group.commands[argv[3]]
+        ctx = command.make_context(argv[3], argv[4:], resilient_parsing=False)  # raises on an unknown option
+        given = {opt for opt in argv[4:] if opt.startswith("--")}
+        known = {o for p in command.params for o in (*p.opts, *p.secondary_opts)}
+        assert given <= known, f"{name}: {sorted(given - known)} are not options of {argv[3]}"
+        assert ctx.params, name
+
+
+def test_the_option_check_refuses_a_misspelt_option():
+    command = typer.main.get_command(app).commands["evaluate"]
+    with pytest.raises(Exception, match="No such option: --modle"):  # click's UsageError, vendored by typer
+        command.make_context("evaluate", ["--modle", "models/best.pt"])
 
 
 def test_params_and_code_deps_exist():
@@ -79,25 +96,53 @@ STAGE_MODULES = {
     "sample_shifted": "pipeline.sample",
     "ingest": "pipeline.manifest",
     "shard": "pipeline.shards",
-    "train": "train.trainer",
-    "evaluate": "train.evaluate,train.misclassified",
-    "external": "train.external",
-    "latency": "train.latency",
+    "train": "train.fit.trainer",
+    "evaluate": "train.evaluation.evaluate,train.evaluation.misclassified",
+    "external": "train.evaluation.external",
+    "latency": "train.evaluation.latency",
     "figures": "pipeline.figures",
     "curves": "pipeline.figures",
 }
 
 
+@functools.lru_cache(maxsize=None)  # one interpreter per stage module set, shared by the tests below
+def stage_code(modules: str) -> frozenset[str]:
+    """The project files a fresh interpreter loads to import `modules`, relative to the repo.
+
+    A package's `__init__.py` is left out: it only makes the folder a package (train/__init__.py's
+    lazy `Screener` is never touched by a stage)."""
+    probe = ("import importlib, sys; [importlib.import_module(m) for m in sys.argv[1].split(',')]; "
+             "print(' '.join(getattr(m, '__file__', None) or '' for n, m in list(sys.modules.items()) "
+             "if n.split('.')[0] in ('pipeline', 'train')))")
+    loaded = subprocess.run([sys.executable, "-c", probe, modules], cwd=REPO, check=True, capture_output=True,
+                            text=True).stdout.split()  # fmt: skip
+    files = {Path(f).resolve().relative_to(REPO).as_posix() for f in loaded}
+    return frozenset(f for f in files if not f.endswith("__init__.py"))
+
+
+@pytest.mark.slow
 def test_each_stage_lists_all_the_code_it_runs():
-    probe = "import importlib, sys; [importlib.import_module(m) for m in sys.argv[1].split(',')]; print(' '.join(sys.modules))"
     for name, stage in stages():
-        base = name.split("@")[0]
-        loaded = subprocess.run([sys.executable, "-c", probe, STAGE_MODULES[base]], cwd=REPO, check=True,
-                                capture_output=True, text=True).stdout.split()
-        needed = {m.replace(".", "/") + ".py" for m in loaded if m.startswith(("pipeline.", "train."))}
+        needed = stage_code(STAGE_MODULES[name.split("@")[0]])
         needed -= {"pipeline/errors.py", "pipeline/params.py", "pipeline/names.py"}
         missing = needed - set(stage.get("deps", []))
         assert not missing, f"stage {name} runs {sorted(missing)} but does not depend on it"
+
+
+@pytest.mark.slow
+def test_each_stage_depends_on_no_code_it_does_not_run():
+    """The other half of the contract: a dependency the stage never imports reruns it for nothing."""
+    for name, stage in stages():
+        needed = stage_code(STAGE_MODULES[name.split("@")[0]])
+        code = [d for d in stage.get("deps", []) if d.endswith(".py")]
+        assert set(code) <= needed, f"stage {name} depends on {sorted(set(code) - needed)}, which it never imports"
+        assert len(code) == len(set(code)), f"stage {name} lists a dependency twice"
+
+
+@pytest.mark.slow
+def test_the_stage_probe_sees_sub_package_modules():
+    """A probe that missed train/fit/*.py would make the two tests above pass on any deps."""
+    assert {"train/fit/trainer.py", "train/fit/epoch.py", "train/models.py"} <= stage_code("train.fit.trainer")
 
 
 def test_outputs_are_git_ignored_not_committed():

@@ -205,6 +205,7 @@ def test_onnx_matches_pytorch_on_real_test_images(tmp_path, covidx_mini):
     assert 0.01 < np.median(expected) < 0.99 and np.ptp(expected) > 1e-3  # not a saturated, vacuous comparison
 
 
+@pytest.mark.slow
 def test_export_never_overwrites_a_file_it_did_not_write(tmp_path, resnet50_onnx):
     from train.export import _check_replaceable
 

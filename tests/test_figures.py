@@ -42,6 +42,7 @@ def data_figures(tmp_path_factory) -> tuple[Path, dict]:
     return d, write_data_figures(d / "m.jsonl", d / "r.json", d / "shards", d / "figures", per_split=1, sheet=16)
 
 
+@pytest.mark.slow
 def test_every_data_figure_is_written_at_its_size_and_is_not_blank(data_figures):
     d, written = data_figures
     assert set(written) == set(FIGURE_NAMES)

@@ -313,7 +313,7 @@ def test_a_crafted_shard_cannot_make_bench_train_write_outside(tmp_path, tiny_sh
 
     from pipeline.errors import CxrError
     from pipeline.shard_format import read_summary
-    from train.bench_train import export_image_folder
+    from train.bench.bench_train import export_image_folder
 
     with wds.TarWriter(str(tiny_shards / "train-000000.tar"), mtime=0) as sink:
         sink.write({"__key__": "../../../escaped", "png": b"x", "cls": b"0"})

@@ -59,6 +59,7 @@ def eager_probabilities(ckpt, x: np.ndarray) -> np.ndarray:
     return torch.sigmoid(logits).numpy()
 
 
+@pytest.mark.slow
 def test_auto_runs_onnxruntime_checked_on_the_first_batch(ckpt, cache):
     engine = Engine(ckpt, "auto", torch.device("cpu"), cache)
     x = images(10)
@@ -96,6 +97,7 @@ def test_a_foreign_file_under_the_checkpoint_name_is_exported_again(ckpt, cache,
     assert path.read_bytes() == good and [p.name for p in tmp_path.iterdir()] == [path.name]
 
 
+@pytest.mark.slow
 def test_disagreement_falls_back_to_eager_with_a_note(ckpt, cache, monkeypatch, caplog):
     real = Engine._onnx_logits
     monkeypatch.setattr(Engine, "_onnx_logits", lambda self, x: real(self, x) + 0.01)

@@ -15,9 +15,9 @@ from pipeline.cli import app
 from pipeline.params import load_params
 from pipeline.shard_format import read_summary
 from tests.conftest import make_tiny_shards
-from tests.test_evaluate import SIZE, _checkpoint, _params_file
+from tests.evaluation.test_evaluate import SIZE, _checkpoint, _params_file
 from tests.test_figures import assert_picture
-from train.evaluate import evaluate_shards, write_outputs
+from train.evaluation.evaluate import evaluate_shards, write_outputs
 from train.misclassified import select_misses
 
 
@@ -41,6 +41,7 @@ def test_misses_are_wrong_for_every_model_most_confident_first():
     assert [m.key for m in select_misses(keys, labels, probs, [0.5, 0.4], list("ABCDEF"), per_kind=1)] == ["a", "d"]
 
 
+@pytest.mark.slow
 def test_report_draws_images_wrong_for_every_run_with_each_models_gradcam(tmp_path):
     shards = tmp_path / "shards"
     for variant in ("plain", "equalized"):  # same seed: the same keys and images in both variants
@@ -78,8 +79,9 @@ def test_report_needs_each_runs_predictions(tmp_path):
     assert result.exit_code == 1 and "predictions_test.csv" in result.output
 
 
+@pytest.mark.slow
 def test_evaluate_draws_fig8_from_shards_at_a_url(tmp_path, http_root):
-    from train.misclassified import FIGURE_NAME
+    from train.evaluation.misclassified import FIGURE_NAME
 
     root, url = http_root
     shards = make_tiny_shards(root / "plain", size=SIZE)

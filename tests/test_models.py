@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from pipeline.errors import CxrError
-from train.models import MODELS, build_model, inference_param_count, model_spec
+from pipeline.networks import NETWORKS
+from train.models import build_model, inference_param_count, model_spec
 
 # The study's Table V, millions of parameters.
 TABLE_V_M = {"alexnet": 57.0, "vgg16": 134.3, "resnet50": 23.5, "densenet121": 7.0, "inceptionv3": 21.8}
@@ -13,11 +14,11 @@ TABLE_V_M = {"alexnet": 57.0, "vgg16": 134.3, "resnet50": 23.5, "densenet121": 7
 @pytest.fixture(scope="module")
 def nets():
     torch.manual_seed(0)
-    return {name: build_model(name).eval() for name in MODELS}
+    return {name: build_model(name).eval() for name in NETWORKS}
 
 
 def test_registry_is_the_study_five():
-    assert set(MODELS) == set(TABLE_V_M)
+    assert set(NETWORKS) == set(TABLE_V_M)
 
 
 @pytest.mark.parametrize("name", list(TABLE_V_M))
@@ -63,8 +64,46 @@ def test_default_learning_rates_follow_the_study():
 
 
 @pytest.mark.parametrize("name", list(TABLE_V_M))
-def test_cam_layer_exists(nets, name):
-    assert isinstance(nets[name].cam_layer(), torch.nn.Module)
+def test_cam_layer_is_the_last_spatial_map_and_moves_the_logit(nets, name):
+    """Grad-CAM needs the network's last feature map before global pooling (7x7 for a 224 ResNet,
+    8x8 after InceptionV3's 299), and a logit that depends on it."""
+    net = nets[name]
+    side = {"alexnet": 13, "vgg16": 14, "resnet50": 7, "densenet121": 7, "inceptionv3": 8}[name]
+    seen = []
+    hook = net.cam_layer().register_forward_hook(lambda m, args, out: seen.append(out))
+    try:
+        logit = net(torch.rand(1, 1, 224, 224)).sum()
+    finally:
+        hook.remove()
+    (feature,) = seen
+    assert feature.ndim == 4 and feature.shape[-2:] == (side, side)
+    (grad,) = torch.autograd.grad(logit, feature)
+    assert grad.abs().sum() > 0
+
+
+def test_a_sixth_network_is_one_registry_entry(monkeypatch):
+    """Everything the model side needs comes from the entry: builder, one channel in, one logit
+    out, Grad-CAM layer, head, freezing and the ImageNet key mapping."""
+    from pipeline import networks
+    from train.fit.starting_weights import adapt_imagenet_state
+
+    entry = networks.Network("resnet18", "ResNet18", "resnet18", 224, 1e-3, "conv1", ("fc",), "layer4",
+                             "ResNet18_Weights.IMAGENET1K_V1", networks.IMAGENET_NORM)  # fmt: skip
+    monkeypatch.setitem(networks.NETWORKS, "resnet18", entry)
+    net = build_model("resnet18").eval()
+    assert net.spec is entry and model_spec("resnet18").default_lr == 1e-3
+    with torch.inference_mode():
+        assert net(torch.rand(2, 1, 64, 64)).shape == (2,)
+    assert net.backbone.conv1.in_channels == 1 and net.cam_layer() is net.backbone.layer4
+    assert net.head_parameter_names() == {"backbone.fc.weight", "backbone.fc.bias"}
+    net.freeze_backbone()
+    assert {n for n, p in net.named_parameters() if p.requires_grad} == net.head_parameter_names()
+    import torchvision
+
+    imagenet = torchvision.models.resnet18(weights=None).state_dict()  # the layout of torchvision's file
+    state = adapt_imagenet_state(imagenet, entry)
+    missing, unexpected = build_model("resnet18").load_state_dict(state, strict=False)
+    assert set(missing) == net.head_parameter_names() and not unexpected
 
 
 def test_unknown_model_lists_the_valid_ones():

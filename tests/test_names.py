@@ -12,7 +12,7 @@ from pipeline.preprocess import PreprocessConfig
 
 
 def test_model_registry_is_exactly_the_named_models_in_order():
-    from train.models import MODELS
+    from pipeline.networks import NETWORKS as MODELS
 
     assert tuple(MODELS) == names.MODEL_NAMES
 
@@ -26,7 +26,7 @@ def test_params_type_checks_are_built_from_the_names():
 
 
 def test_every_model_has_a_display_name_and_the_study_tables_cover_it():
-    from train.report import load_published
+    from train.report.tables import load_published
 
     table_v = load_published()["study"]["tables"]["V"]["data"]
     assert set(names.MODEL_DISPLAY) == set(names.MODEL_NAMES) == set(table_v)

@@ -13,7 +13,14 @@ def test_missing_or_empty_folders_are_claimed_with_a_marker(tmp_path):
     assert (tmp_path / "new" / MARKER).is_file()
     (tmp_path / "empty").mkdir()
     claim_folder(tmp_path / "empty", "shard", OWN)
-    claim_folder(tmp_path / "empty", "shard", OWN)  # idempotent
+    marker = (tmp_path / "empty" / MARKER).read_bytes()
+    (tmp_path / "empty" / "a-1.tar").write_bytes(b"ours")
+    # claimed again: the same folder, the marker as it was (a DVC output must not vary), nothing removed
+    assert claim_folder(tmp_path / "empty", "shard", OWN) == tmp_path / "empty"
+    assert (tmp_path / "empty" / MARKER).read_bytes() == marker
+    assert sorted(p.name for p in (tmp_path / "empty").iterdir()) == [MARKER, "a-1.tar"]
+    with pytest.raises(CxrError, match="belongs to shard"):  # and still refused to another command
+        claim_folder(tmp_path / "empty", "predict-heatmaps", OWN)
 
 
 def test_a_folder_with_a_user_file_is_refused_and_left_untouched(tmp_path):

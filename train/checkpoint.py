@@ -121,7 +121,7 @@ def make_meta(
     selection: dict[str, Any] | None = None,
     init: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """`init`: what training started from (train/pretrained.py's record plus `freeze`)."""
+    """`init`: what training started from (train/fit/starting_weights.py's record plus `freeze`)."""
     return {
         "format": FORMAT,
         "model": model,

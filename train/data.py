@@ -3,7 +3,7 @@ training and an exact, fixed-order single pass for evaluation.
 
 Each reads as a list of steps (shards -> split -> samples -> shuffle -> decode
 -> batch). Workers only decode and batch; augmentation runs on the training
-device (train/augment.py). Images stay uint8 (B, 1, H, W) until they reach that
+device (train/fit/augment.py). Images stay uint8 (B, 1, H, W) until they reach that
 device, which keeps host->device copies and pinned buffers 4x smaller.
 """
 

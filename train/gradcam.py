@@ -1,7 +1,7 @@
 """Grad-CAM heatmaps for the screening networks, with the `grad-cam` package.
 
 The target layer is each architecture's last spatial feature map, named in
-`train.models.MODELS[...].cam_layer` and returned by `ScreeningNet.cam_layer()`.
+`pipeline.networks.NETWORKS[...].cam_layer` and returned by `ScreeningNet.cam_layer()`.
 The explained quantity is the COVID-19 logit: ScreeningNet returns one logit
 per image, shape (B,), and pytorch-grad-cam applies a target to each row of the
 output, i.e. to a 0-d logit, so `BinaryClassifierOutputTarget(1)` (which

@@ -9,9 +9,6 @@ ONNX export therefore run the very same graph.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
-
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -19,6 +16,7 @@ from torch import nn
 from torchvision import models as tvm
 
 from pipeline.errors import CxrError
+from pipeline.networks import Network, NETWORKS
 
 # Fixed, data-independent standardisation: shards are uint8 with roughly
 # uniform (equalized) or mid-grey (plain) histograms, so (x - 0.5) / 0.25 keeps
@@ -27,24 +25,11 @@ INPUT_MEAN = 0.5
 INPUT_STD = 0.25
 
 
-# The per-channel input normalisation torchvision's ImageNet weights were trained
-# with; InceptionV3's weights (ported from TensorFlow) expect [-1, 1] instead,
-# which torchvision reaches with transform_input=True and we build without.
-IMAGENET_NORM = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
-TF_INCEPTION_NORM = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    name: str
-    build: Callable[[], nn.Module]
-    default_lr: float  # the study: Adam 1e-4 for the skip-free nets, default 1e-3 otherwise
-    network_input: int  # size the backbone sees (InceptionV3 upsamples 224 -> 299 inside forward)
-    cam_layer: str  # dotted path, from the backbone, of the Grad-CAM target layer
-    weights: str  # torchvision's ImageNet weights (train.init=imagenet), as torchvision.models.get_weight names them
-    weights_norm: tuple[tuple[float, ...], tuple[float, ...]]  # (mean, std) per RGB channel those weights expect
-    first_conv: str  # dotted path, from the backbone, of the convolution that reads the image
-    heads: tuple[str, ...]  # dotted paths of the final classifier layer(s): replaced on an ImageNet start
+def model_spec(name: str) -> Network:
+    """Everything about a network (its entry in pipeline/networks.py); a wrong name lists the valid ones."""
+    if name not in NETWORKS:
+        raise CxrError(f"unknown model {name!r}; valid: {', '.join(NETWORKS)}")
+    return NETWORKS[name]
 
 
 def _one_channel(conv: nn.Conv2d) -> nn.Conv2d:
@@ -58,57 +43,14 @@ def _one_channel(conv: nn.Conv2d) -> nn.Conv2d:
     )
 
 
-def _alexnet() -> nn.Module:
-    net = tvm.alexnet(weights=None, num_classes=1)
-    net.features[0] = _one_channel(net.features[0])
+def build_backbone(spec: Network) -> nn.Module:
+    """torchvision's network with random weights, one logit, and a first convolution that reads one channel.
+
+    The 3-channel convolution is built and then replaced (not built 1-channel) so that the
+    seeded initialisation of every other layer is torchvision's own, draw for draw."""
+    net = tvm.get_model(spec.torchvision, weights=None, num_classes=1, **spec.builder_kwargs)
+    net.set_submodule(spec.first_conv, _one_channel(net.get_submodule(spec.first_conv)))
     return net
-
-
-def _vgg16() -> nn.Module:
-    net = tvm.vgg16(weights=None, num_classes=1)
-    net.features[0] = _one_channel(net.features[0])
-    return net
-
-
-def _resnet50() -> nn.Module:
-    net = tvm.resnet50(weights=None, num_classes=1)
-    net.conv1 = _one_channel(net.conv1)
-    return net
-
-
-def _densenet121() -> nn.Module:
-    net = tvm.densenet121(weights=None, num_classes=1)
-    net.features.conv0 = _one_channel(net.features.conv0)
-    return net
-
-
-def _inceptionv3() -> nn.Module:
-    net = tvm.inception_v3(weights=None, num_classes=1, aux_logits=True, init_weights=True, transform_input=False)
-    net.Conv2d_1a_3x3.conv = _one_channel(net.Conv2d_1a_3x3.conv)
-    return net
-
-
-MODELS: dict[str, ModelSpec] = {
-    spec.name: spec
-    for spec in (
-        ModelSpec("alexnet", _alexnet, 1e-4, 224, "features.11", "AlexNet_Weights.IMAGENET1K_V1", IMAGENET_NORM,
-                  "features.0", ("classifier.6",)),
-        ModelSpec("vgg16", _vgg16, 1e-4, 224, "features.29", "VGG16_Weights.IMAGENET1K_V1", IMAGENET_NORM,
-                  "features.0", ("classifier.6",)),
-        ModelSpec("resnet50", _resnet50, 1e-3, 224, "layer4", "ResNet50_Weights.IMAGENET1K_V2", IMAGENET_NORM,
-                  "conv1", ("fc",)),
-        ModelSpec("densenet121", _densenet121, 1e-3, 224, "features.norm5", "DenseNet121_Weights.IMAGENET1K_V1",
-                  IMAGENET_NORM, "features.conv0", ("classifier",)),
-        ModelSpec("inceptionv3", _inceptionv3, 1e-3, 299, "Mixed_7c", "Inception_V3_Weights.IMAGENET1K_V1",
-                  TF_INCEPTION_NORM, "Conv2d_1a_3x3.conv", ("fc", "AuxLogits.fc")),
-    )
-}
-
-
-def model_spec(name: str) -> ModelSpec:
-    if name not in MODELS:
-        raise CxrError(f"unknown model {name!r}; valid: {', '.join(MODELS)}")
-    return MODELS[name]
 
 
 class ScreeningNet(nn.Module):
@@ -119,10 +61,11 @@ class ScreeningNet(nn.Module):
     (logits, aux_logits) so the trainer can add the auxiliary loss.
     """
 
-    def __init__(self, name: str, backbone: nn.Module, network_input: int):
+    def __init__(self, spec: Network, backbone: nn.Module):
         super().__init__()
-        self.name = name
-        self.network_input = network_input
+        self.spec = spec
+        self.name = spec.name
+        self.network_input = spec.network_input
         self.backbone = backbone
         self.frozen_backbone = False  # see freeze_backbone()
 
@@ -137,11 +80,11 @@ class ScreeningNet(nn.Module):
         return out.squeeze(-1)
 
     def cam_layer(self) -> nn.Module:
-        return self.backbone.get_submodule(model_spec(self.name).cam_layer)
+        return self.backbone.get_submodule(self.spec.cam_layer)
 
     def head_parameter_names(self) -> set[str]:
         """state_dict names of the final classifier layer(s), e.g. {'backbone.fc.weight', 'backbone.fc.bias'}."""
-        return {f"backbone.{head}.{name}" for head in model_spec(self.name).heads
+        return {f"backbone.{head}.{name}" for head in self.spec.heads
                 for name, _ in self.backbone.get_submodule(head).named_parameters()}
 
     def freeze_backbone(self) -> None:
@@ -159,7 +102,7 @@ class ScreeningNet(nn.Module):
         super().train(mode)
         if mode and self.frozen_backbone:
             self.backbone.eval()
-            for head in model_spec(self.name).heads:
+            for head in self.spec.heads:
                 self.backbone.get_submodule(head).train()
         return self
 
@@ -182,7 +125,7 @@ def model_input(images: torch.Tensor | np.ndarray, device: torch.device | str = 
 
 def build_model(name: str) -> ScreeningNet:
     spec = model_spec(name)
-    return ScreeningNet(spec.name, spec.build(), spec.network_input)
+    return ScreeningNet(spec, build_backbone(spec))
 
 
 def inference_param_count(model: nn.Module) -> int:

@@ -1,0 +1,143 @@
+"""Panel: benchmarks. Each prints its own baseline measured in the same run, and ratios against it.
+
+Command `bench-X` lives in `pipeline/bench/bench_X.py` (data side) or `train/bench/bench_X.py` (model side).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from pipeline.commands.common import (
+    BENCHMARKS,
+    DEFAULT_PARAMS,
+    DEFAULT_REAL_ROOT,
+    ArchOpt,
+    ParamsOpt,
+    RealRootOpt,
+    echo_json,
+    fail_cleanly,
+    panel,
+    read_params,
+)
+
+app = panel()
+
+
+@app.command("bench-preprocess", rich_help_panel=BENCHMARKS)
+@fail_cleanly
+def bench_preprocess(
+    root: RealRootOpt = DEFAULT_REAL_ROOT,
+    repeat: Annotated[int, typer.Option(help="Interleaved rounds of the three measurements (best is kept)")] = 3,
+    params: ParamsOpt = DEFAULT_PARAMS,
+) -> None:
+    """Benchmark: pipeline preprocessing vs a naive single-process PIL baseline and a decode-only floor.
+
+    Reads: ROOT's label files and images. Writes nothing; prints images/s and ratios.
+    """
+    from pipeline.bench.bench_preprocess import run_preprocess_benchmark
+
+    p = read_params(params)
+    echo_json(run_preprocess_benchmark(root, p.preprocess, p.shard, repeat=repeat))
+
+
+@app.command("bench-memory", rich_help_panel=BENCHMARKS)
+@fail_cleanly
+def bench_memory(root: RealRootOpt = DEFAULT_REAL_ROOT, params: ParamsOpt = DEFAULT_PARAMS) -> None:
+    """Benchmark: peak RSS of the shard stage (2 workers) on ROOT and on a corpus with one 12000x12000 16-bit PNG.
+
+    Reads: ROOT and params (preprocess.*). Writes nothing outside a temporary folder; prints, per corpus,
+    the peak RSS of the largest process and of the whole process tree (MiB), and what was rejected.
+    """
+    from pipeline.bench.bench_memory import run_memory_benchmark
+
+    echo_json(run_memory_benchmark(root, read_params(params)))
+
+
+@app.command("bench-train", rich_help_panel=BENCHMARKS)
+@fail_cleanly
+def bench_train(
+    shards: Annotated[
+        Optional[Path], typer.Option(help="Shard variant directory (default: shards/<params variant>)")
+    ] = None,
+    arch: ArchOpt = "resnet50",
+    steps: Annotated[int, typer.Option(help="Timed training steps per path")] = 12,
+    warmup: Annotated[int, typer.Option(help="Untimed warm-up steps per path")] = 3,
+    loader_images: Annotated[int, typer.Option(help="Images read per loader-only measurement")] = 2000,
+    fp32_streaming: Annotated[
+        bool, typer.Option(help="Also time the streaming path in fp32 NCHW (precision vs data path)")
+    ] = False,
+    threads: Annotated[
+        int, typer.Option(help="Compute threads, 0 = all cores (1 is steadier on a machine shared with other jobs)")
+    ] = 0,
+    device: Annotated[str, typer.Option(help="cpu, or cuda to time both paths on the GPU")] = "cpu",
+    params: ParamsOpt = DEFAULT_PARAMS,
+) -> None:
+    """Benchmark on this CPU (or --device cuda): streaming trainer vs naive ImageFolder + per-image RandomAffine fp32 trainer.
+
+    Reads: SHARDS (train split; exported to a temporary ImageFolder of the same PNGs) and params train.*.
+    Writes nothing; prints training images/s of both paths and their ratio, loader-only images/s
+    (shards vs folder) and the fraction of step time spent waiting for data.
+    """
+    from train.bench.bench_train import run_train_benchmark
+
+    p = read_params(params)
+    echo_json(
+        run_train_benchmark(
+            shards or Path("shards") / p.variant,
+            arch,
+            p.train,
+            p.seed,
+            steps,
+            warmup,
+            loader_images,
+            fp32_streaming=fp32_streaming,
+            threads=threads,
+            device=device,
+        )
+    )
+
+
+@app.command("bench-screen", rich_help_panel=BENCHMARKS)
+@fail_cleanly
+def bench_screen(
+    root: Annotated[Path, typer.Option(help="COVIDx-layout root whose images are cycled into the test set")] = DEFAULT_REAL_ROOT,
+    images: Annotated[int, typer.Option(help="Images in the timed external test set")] = 1000,
+    model: Annotated[
+        Optional[Path], typer.Option(help="Checkpoint to time (default: a random --arch; weights do not change speed)")
+    ] = None,
+    arch: ArchOpt = "densenet121",
+    rounds: Annotated[int, typer.Option(help="Interleaved rounds of eager and default (the fastest of each is kept)")] = 1,
+    params: ParamsOpt = DEFAULT_PARAMS,
+) -> None:
+    """Benchmark `evaluate --root` end to end: the default engine against eager PyTorch, in one run.
+
+    Reads: ROOT's label files and images (linked into a temporary root of IMAGES test images), the
+    checkpoint, params (evaluate.*, train.num_workers, seed). Writes nothing but the ONNX cache;
+    prints images/s of both engines, their ratio and the one-time ONNX build time.
+    """
+    from train.bench.bench_screen import run_screen_benchmark
+
+    echo_json(run_screen_benchmark(read_params(params), root, images, model, arch, rounds))
+
+
+@app.command("bench-latency", rich_help_panel=BENCHMARKS)
+@fail_cleanly
+def bench_latency(
+    arch: Annotated[str, typer.Option(help="Networks to time, comma-separated")] = "resnet50,densenet121,inceptionv3,vgg16",
+    threads: Annotated[str, typer.Option(help="Thread counts, comma-separated")] = "1,2",
+    rounds: Annotated[int, typer.Option(help="Sweeps of all networks (each keeps its fastest time and highest peak)")] = 3,
+    params: ParamsOpt = DEFAULT_PARAMS,
+) -> None:
+    """Benchmark batch-1 CPU latency against the fp32 floor (FLOPs / peak measured in the same run).
+
+    Reads: params (latency.warmup, latency.runs, preprocess.size). Writes nothing; prints, per network
+    and thread count, eager and ONNX Runtime milliseconds and the fastest path's ratio to the floor.
+    """
+    from train.bench.bench_latency import batch1_benchmark
+    from train.evaluation.latency import parse_counts, parse_paths
+
+    p = read_params(params)
+    echo_json(batch1_benchmark(parse_paths(arch), parse_counts(threads), p.preprocess.size, p.latency, rounds))

@@ -1,0 +1,109 @@
+"""The Python API (train/screen/api.py): the README's example runs and gives `cxr predict`'s numbers."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import shutil
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from pipeline.errors import CxrError
+from tests.conftest import REPO
+from tests.screen.test_predict import BAD, GOOD, PLATT, inputs, checkpoint, read_rows, run  # noqa: F401 -- fixtures
+from train import Screener
+from train.calibration import PROB_COLUMN
+from train.calibration import apply as calibrate
+from train.export import export_onnx
+
+
+def readme_example() -> str:
+    section = (REPO / "README.md").read_text().split("\n## Python API\n", 1)[1]
+    return section.split("```python\n", 1)[1].split("```", 1)[0]
+
+
+@pytest.fixture
+def workspace(tmp_path: Path, monkeypatch, inputs, checkpoint) -> Path:  # noqa: F811
+    """The README's layout: models/best.pt and a scans/ folder (good and unreadable images)."""
+    (tmp_path / "models").mkdir()
+    shutil.copy(checkpoint, tmp_path / "models" / "best.pt")
+    shutil.copytree(inputs, tmp_path / "scans")
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def _printed(code: str) -> dict[str, list[str]]:
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        exec(compile(code, "README.md", "exec"), {})
+    lines = [line.split(" ", 3) for line in out.getvalue().splitlines()]
+    return {fields[0]: fields[1:] for fields in lines}
+
+
+@pytest.mark.slow
+def test_the_readme_example_runs_and_matches_cxr_predict(workspace: Path):
+    code = readme_example()
+    assert len(code.strip().splitlines()) <= 5 and "Screener(" in code
+    printed = _printed(code)
+    result = run("scans/", "--model", "models/best.pt", "--out", "cli.csv")
+    assert result.exit_code == 2  # the unreadable files
+    rows = read_rows(workspace / "cli.csv")
+    assert set(printed) == set(rows) == {f"scans/{name}" for name in GOOD + BAD}
+    for path, row in rows.items():
+        probability, decision, rest = printed[path]
+        if row["error"]:
+            assert (probability, decision, rest) == ("None", "None", row["error"])
+        else:
+            assert abs(float(probability) - float(row[PROB_COLUMN])) <= 1e-6
+            assert decision == row["decision"] and rest == "(224, 224)"
+    assert {row["decision"] for row in rows.values() if not row["error"]} == {"positive", "negative"}
+
+
+@pytest.mark.slow
+def test_the_screener_runs_predicts_engine_and_calibration(workspace: Path):
+    """Same engine choice as `cxr predict` (auto: ONNX Runtime once it matches PyTorch), then the
+    checkpoint's Platt calibration, which the fixture makes far from the identity."""
+    screener = Screener("models/best.pt")
+    results = [r for r in screener.predict("scans/") if not r.error]
+    assert run("scans/", "--model", "models/best.pt", "--out", "cli.csv").exit_code == 2
+    rows = read_rows(workspace / "cli.csv")
+    assert screener.engine == rows[results[0].path]["engine"] == "onnxruntime-cpu"
+    assert screener.calibration == PLATT
+    raw = np.array([r.uncalibrated for r in results])
+    assert np.allclose([r.probability for r in results], calibrate(raw, PLATT), rtol=0, atol=1e-12)
+    assert np.abs(calibrate(raw, PLATT) - raw).max() > 1e-3  # calibration really moves the numbers
+    eager = {r.path: r for r in Screener("models/best.pt", engine="eager").predict("scans/") if not r.error}
+    assert eager[results[0].path].probability == pytest.approx(results[0].probability, abs=1e-4)
+
+
+def test_arrays_score_like_the_files_they_were_read_from(workspace: Path):
+    screener = Screener("models/best.pt")
+    by_file = {r.path: r for r in screener.predict(["scans/a.png", "scans/b16.png"])}
+    pixels = [cv2.imread(str(workspace / "scans" / n), cv2.IMREAD_UNCHANGED) for n in ("a.png", "b16.png")]
+    assert pixels[1].dtype == np.uint16
+    by_array = screener.predict(pixels + [np.zeros((3, 4, 5, 6))])
+    assert [r.path for r in by_array] == ["array[0]", "array[1]", "array[2]"]
+    for got, name in zip(by_array, ("a.png", "b16.png")):
+        want = by_file[f"scans/{name}"]
+        assert abs(got.probability - want.probability) <= 1e-6 and got.decision == want.decision
+        assert np.array_equal(got.image, want.image) and got.heatmap is None
+    assert by_array[2].probability is None and "(H, W) or (H, W, C)" in by_array[2].error
+    assert screener.meta["model"] == "resnet50" and screener.identity.startswith("resnet50/equalized@")
+
+
+@pytest.mark.slow
+def test_an_onnx_screener_matches_cxr_predict_onnx_and_explains_only_with_its_weights(workspace: Path):
+    export_onnx(workspace / "models" / "best.pt", workspace / "models" / "model.onnx")
+    screener = Screener("models/model.onnx")
+    got = {r.path: r for r in screener.predict("scans/")}
+    assert run("scans/", "--onnx", "models/model.onnx", "--out", "cli.csv").exit_code == 2
+    for path, row in read_rows(workspace / "cli.csv").items():
+        if not row["error"]:
+            assert abs(got[path].probability - float(row[PROB_COLUMN])) <= 1e-6
+    with pytest.raises(CxrError, match="heatmaps need the PyTorch weights"):
+        screener.predict("scans/a.png", heatmaps=True)
+    explained = Screener("models/model.onnx", checkpoint="models/best.pt").predict("scans/a.png", heatmaps=True)
+    assert explained[0].heatmap.shape == (224, 224) and 0 <= explained[0].heatmap.min() <= 1

@@ -1,0 +1,188 @@
+"""Screen new images: files, folders and globs (PNG, JPEG, TIFF, DICOM) -> a CSV of decisions.
+
+Everything that defines the model's behaviour comes from the model artifact,
+never from flags (train/screen/screening_model.py: preprocessing, engine,
+calibration, threshold, decision); each row's `engine` column says which engine
+scored it. Inputs are read as train/screen/inputs.py reads them.
+
+An input that cannot be read gets a row with its reason and the run goes on;
+the caller turns `PredictSummary.failed` into the exit code. Rows are streamed
+to the CSV batch by batch (flushed), so a crash or kill keeps every row
+decided so far; the CSV and the heatmap folder are replaced only when they are
+this command's own (pipeline.ownership).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import fcntl
+import hashlib
+import os
+import re
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from pipeline.errors import CxrError
+from pipeline.ownership import claim_folder
+from pipeline.shard_format import CLASS_NAMES
+from train.calibration import PROB_COLUMN
+from train.gradcam import gradcam_heatmaps, write_overlay
+from train.inference import batched, ordered_prefetch
+from train.models import model_input
+from train.screen.inputs import collect_inputs, load_or_reason
+from train.screen.screening_model import ScreeningModel
+
+# The probability column is calibrated (Platt, fitted on validation): P(COVID-19) at the validation prevalence.
+CSV_COLUMNS = ("path", PROB_COLUMN, "decision", "threshold", "model", "engine", "error")
+HEATMAP_NAME = re.compile(r".+-[0-9a-f]{10}\.png")  # heatmap_name's pattern: all a heatmap folder may hold
+
+
+@dataclass(frozen=True)
+class PredictSummary:
+    total: int
+    positive: int
+    negative: int
+    failed: int
+    model: str
+    threshold: float
+    device: str
+
+    def line(self) -> str:
+        return (
+            f"{self.total} input(s): {self.positive} positive, {self.negative} negative, {self.failed} failed "
+            f"(model {self.model}, threshold {self.threshold:.4g}, {self.device})"
+        )
+
+
+def heatmap_name(path: Path) -> str:
+    """Input's stem + a hash of its full path: readable, and unique when basenames repeat."""
+    digest = hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:10]
+    return f"{path.stem}-{digest}.png"
+
+
+def predict(
+    inputs: Sequence[str],
+    *,
+    checkpoint: Path,
+    out_csv: Path,
+    onnx_path: Path | None = None,
+    heatmaps_dir: Path | None = None,
+    batch_size: int,
+    workers: int,
+    device: torch.device,
+    engine: str = "auto",
+    progress: bool = True,
+) -> PredictSummary:
+    """Score `inputs` and write `out_csv` (columns CSV_COLUMNS) and, optionally, one overlay PNG per image.
+
+    `engine` (with a checkpoint, not with `onnx_path`): auto, onnxruntime or eager; see train/inference.py.
+    """
+    if batch_size < 1:
+        raise CxrError(f"batch size must be >= 1, got {batch_size}")
+    files, unmatched = collect_inputs(inputs)
+    if not files and not unmatched:
+        raise CxrError("no inputs given")
+    model = ScreeningModel.open(checkpoint, onnx_path, heatmaps_dir is not None, device, engine)
+    threshold = model.threshold
+
+    def row(path: str, probability: float | None = None, error: str = "") -> dict[str, Any]:
+        decided = probability is not None
+        return {
+            "path": path,
+            PROB_COLUMN: repr(probability) if decided else "",  # repr: exact, so CSV decisions re-check exactly
+            "decision": model.decide(probability) if decided else "",
+            "threshold": repr(threshold),
+            "model": model.identity,
+            "engine": model.engine if decided else "",
+            "error": error,
+        }
+
+    if heatmaps_dir is not None:
+        claim_folder(heatmaps_dir, "predict-heatmaps", [HEATMAP_NAME])
+    rows = [row(arg, error=reason) for arg, reason in unmatched]
+    # Decoding releases the GIL (OpenCV, Pillow, numpy), so threads decode the next
+    # images while the model scores this batch.
+    loaded = ordered_prefetch(files, lambda p: load_or_reason(p, model.config), workers or os.cpu_count() or 1,
+                              2 * batch_size)  # fmt: skip
+    with _csv_rows(out_csv) as write_rows, tqdm(
+        total=len(files), unit="img", desc="predict", disable=not progress
+    ) as bar:
+        write_rows(rows)
+        for chunk in batched(loaded, batch_size):
+            ok = [(path, img) for path, img in chunk if not isinstance(img, str)]
+            probs = model.score(model.stack([img for _, img in ok])).calibrated
+            by_path = {path: float(p) for (path, _), p in zip(ok, probs)}
+            batch_rows = [row(str(p), by_path.get(p), "" if p in by_path else img) for p, img in chunk]
+            write_rows(batch_rows)
+            rows += batch_rows
+            if heatmaps_dir is not None and ok:
+                _write_heatmaps(model.cam_model, ok, heatmaps_dir, device)
+            bar.update(len(chunk))
+    decided = [r for r in rows if not r["error"]]
+    positives = sum(r["decision"] == CLASS_NAMES[1] for r in decided)
+    return PredictSummary(
+        total=len(rows),
+        positive=positives,
+        negative=len(decided) - positives,
+        failed=len(rows) - len(decided),
+        model=model.identity,
+        threshold=threshold,
+        device=model.engine,
+    )
+
+
+def _write_heatmaps(model: torch.nn.Module, ok: list[tuple[Path, np.ndarray]], out_dir: Path, device: torch.device):
+    x = model_input(np.stack([img for _, img in ok]), device)
+    for (path, img), heatmap in zip(ok, gradcam_heatmaps(model, x)):
+        write_overlay(out_dir / heatmap_name(path), img, heatmap)
+
+
+@contextlib.contextmanager
+def _csv_rows(path: Path) -> Iterator[Callable[..., None]]:
+    """A row writer on `path`, flushed after every batch so a killed run keeps its decided rows.
+
+    An existing file is replaced only if it is one of ours (our header on its
+    first line): `--out notes.csv` must not destroy a user's spreadsheet.
+    """
+    header = ",".join(CSV_COLUMNS)
+    if path.exists():
+        try:
+            with open(path, encoding="utf-8", errors="replace", newline="") as fh:
+                first = fh.readline(len(header) + 2).rstrip("\r\n")
+        except OSError as exc:
+            raise CxrError(f"cannot read {path}: {exc.strerror or exc}") from None
+        if first != header:
+            raise CxrError(f"refusing to overwrite {path}: it is not a CSV written by `cxr predict`")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # Opened without truncating, locked, then emptied: a second run on the same CSV stops
+        # with a clear line instead of interleaving its rows (flock: the kernel drops it with the process).
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o644)
+    except OSError as exc:
+        raise CxrError(f"cannot write {path}: {exc.strerror or exc}") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise CxrError(f"another run is writing {path}; wait for it to finish or pass another --out") from None
+    os.ftruncate(fd, 0)
+    fh = os.fdopen(fd, "w", newline="", encoding="utf-8")
+    with fh:
+        writer = csv.DictWriter(fh, fieldnames=CSV_COLUMNS)
+
+        def write(rows: list[dict[str, Any]] | None = None) -> None:
+            try:
+                writer.writerows(rows) if rows is not None else writer.writeheader()
+                fh.flush()
+            except OSError as exc:  # a full disk mid-run: one clean line, the rows so far stay
+                raise CxrError(f"cannot write {path}: {exc.strerror or exc}") from None
+
+        write()
+        yield write
