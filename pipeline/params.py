@@ -8,6 +8,7 @@ missing keys are errors: a typo in `dvc exp run -S` must not be silently ignored
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import types
 import typing
@@ -199,30 +200,107 @@ def load_params(path: Path | str = "params.yaml") -> Params:
     return params_from_dict(raw)
 
 
+# The checkpoint's input_size bound (train/checkpoint.py) is this one: a size the shard stage
+# accepts must be one a later stage can load.
+INPUT_SIZE_RANGE = (32, 1024)
+# The shard summary's bound on every count and byte size it records (pipeline/shard_format.py).
+MAX_RECORDED_COUNT = 10**9
+_BIG = 2**31 - 1  # counts with no natural bound: only a typo or a hostile value exceeds it
+_INF = float("inf")
+
+# key -> (kind, low, high, low_open, high_open); open ends exclude the bound (ints: both ends inclusive).
+# Every key of params.yaml that holds a number is here (tests/test_params.py checks the file against it).
+_INT = "int"
+_NUM = "number"
+RANGES: dict[str, tuple[str, float, float, bool, bool]] = {
+    "seed": (_INT, 0, 2**63 - 1, False, False),
+    "data.val_fraction": (_NUM, 0.0, 1.0, True, True),
+    "data.max_reject_fraction": (_NUM, 0.0, 1.0, False, False),
+    "sample.train_per_class": (_INT, 2, 10**6, False, False),  # pipeline/sample.py needs two per class
+    "sample.test_per_class": (_INT, 2, 10**6, False, False),
+    "sample.shifted_test_per_class": (_INT, 2, 10**6, False, False),
+    "preprocess.top_crop": (_NUM, 0.0, 0.5, False, True),
+    "preprocess.size": (_INT, *INPUT_SIZE_RANGE, False, False),
+    "preprocess.clahe_clip": (_NUM, 0.0, 1000.0, True, False),
+    "preprocess.max_pixels": (_INT, 1, 2**40, False, False),
+    "preprocess.max_decoded_bytes": (_INT, 1, 2**40, False, False),
+    "preprocess.min_side": (_INT, 1, INPUT_SIZE_RANGE[1], False, False),
+    "shard.max_count": (_INT, 1, MAX_RECORDED_COUNT, False, False),
+    "shard.max_bytes": (_INT, 1, MAX_RECORDED_COUNT, False, False),
+    "shard.workers": (_INT, 0, 1024, False, False),
+    "train.epochs": (_INT, 1, 10**6, False, False),
+    "train.patience": (_INT, 0, 10**6, False, False),
+    "train.batch_size": (_INT, 1, 65536, False, False),
+    "train.lr": (_NUM, 0.0, 10.0, True, False),
+    "train.max_steps": (_INT, 1, _BIG, False, False),
+    "train.num_workers": (_INT, 0, 1024, False, False),
+    "train.shuffle_buffer": (_INT, 1, 10**7, False, False),
+    "train.aux_weight": (_NUM, 0.0, 100.0, False, False),
+    "train.augment.scale[0]": (_NUM, 0.0, 10.0, True, False),
+    "train.augment.scale[1]": (_NUM, 0.0, 10.0, True, False),
+    "train.augment.translate": (_NUM, 0.0, 1.0, False, True),
+    "train.augment.rotate": (_NUM, 0.0, 180.0, False, False),
+    "evaluate.target_sensitivity": (_NUM, 0.0, 1.0, True, False),
+    "evaluate.bootstrap": (_INT, 0, 10**7, False, False),
+    "evaluate.batch_size": (_INT, 1, 65536, False, False),
+    "evaluate.prevalence": (_NUM, 0.0, 1.0, True, True),
+    "latency.threads": (_INT, 0, 1024, False, False),
+    "latency.warmup": (_INT, 0, 10**6, False, False),
+    "latency.runs": (_INT, 1, 10**6, False, False),
+    "latency.batch": (_INT, 1, 65536, False, False),
+}
+NULLABLE = {"train.lr", "train.max_steps"}  # null means the per-model default / no cap
+
+
+def _range_message(key: str, spec: tuple[str, float, float, bool, bool], value: Any) -> str | None:
+    """None when `value` is in the key's range, else the one-line reason naming the key and range."""
+    kind, low, high, low_open, high_open = spec
+    if kind == _INT:
+        ok = low <= value <= high
+        upper = "2**63)" if high == 2**63 - 1 else f"{high}]"
+        allowed = f"an integer in [{low}, {upper}"
+    else:
+        ok = math.isfinite(value) and (low < value if low_open else low <= value) and (
+            value < high if high_open else value <= high)
+        allowed = f"a finite number in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+    if ok:
+        return None
+    null = "null or " if key in NULLABLE else ""
+    return f"{key} must be {null}{allowed}, got {value!r}"
+
+
+def _lookup(p: Params, key: str) -> Any:
+    node: Any = p
+    for part in key.split("."):
+        name, _, index = part.partition("[")
+        node = getattr(node, name)
+        if index:
+            node = node[int(index.rstrip("]"))]
+    return node
+
+
 def _check_ranges(p: Params) -> None:
+    for key, spec in RANGES.items():
+        value = _lookup(p, key)
+        if value is None and key in NULLABLE:
+            continue
+        message = _range_message(key, spec, value)
+        if message:
+            raise CxrError(f"params: {message}")
     checks = [
-        (0.0 < p.data.val_fraction < 1.0, "data.val_fraction must be in (0, 1)"),
-        (0.0 <= p.data.max_reject_fraction <= 1.0, "data.max_reject_fraction must be in [0, 1]"),
-        (0.0 <= p.preprocess.top_crop < 0.5, "preprocess.top_crop must be in [0, 0.5)"),
-        (p.preprocess.size >= 32, "preprocess.size must be >= 32"),
-        (p.preprocess.max_pixels > 0, "preprocess.max_pixels must be > 0"),
-        (p.preprocess.max_decoded_bytes > 0, "preprocess.max_decoded_bytes must be > 0"),
-        (p.shard.max_count > 0 and p.shard.max_bytes > 0, "shard.max_count and shard.max_bytes must be > 0"),
-        (p.shard.workers >= 0, "shard.workers must be >= 0"),
-        (p.train.epochs > 0, "train.epochs must be > 0"),
-        (p.train.batch_size > 0, "train.batch_size must be > 0"),
-        (p.train.lr is None or p.train.lr > 0, "train.lr must be > 0 or null"),
-        (p.train.max_steps is None or p.train.max_steps > 0, "train.max_steps must be > 0 or null"),
-        (p.train.augment.scale[0] <= p.train.augment.scale[1], "train.augment.scale must be [low, high]"),
+        (p.preprocess.min_side <= p.preprocess.size,
+         f"preprocess.min_side must be <= preprocess.size ({p.preprocess.size}), got {p.preprocess.min_side}"),
+        (p.train.augment.scale[0] <= p.train.augment.scale[1],
+         f"train.augment.scale must be [low, high] with low <= high, got {list(p.train.augment.scale)}"),
+        (p.data.root.strip() != "", "data.root must be a non-empty path"),
         (p.train.init.strip() != "", "train.init must be scratch, imagenet or a checkpoint path"),
         (p.train.freeze == "none" or p.train.init != "scratch",
          "train.freeze=backbone keeps the backbone as it starts: it needs train.init imagenet or a checkpoint"),
-        (0.0 < p.evaluate.target_sensitivity <= 1.0, "evaluate.target_sensitivity must be in (0, 1]"),
-        (0.0 < p.evaluate.prevalence < 1.0, "evaluate.prevalence must be in (0, 1)"),
-        (p.evaluate.bootstrap >= 0, "evaluate.bootstrap must be >= 0"),
         (all(_NAME.fullmatch(n) for n in p.evaluate.external),
          "evaluate.external names must be letters, digits, '_' or '-' (they name output files)"),
     ]
+    checks += [(root.strip() != "", f"evaluate.external.{name} must be a non-empty path")
+               for name, root in p.evaluate.external.items()]
     for ok, message in checks:
         if not ok:
             raise CxrError(f"params: {message}")

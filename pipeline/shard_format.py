@@ -38,6 +38,7 @@ from pipeline.errors import CxrError
 from pipeline.fileio import atomic_output, atomic_write_json, sha256_file
 from pipeline.locations import is_url, join_location, read_bytes, read_shard
 from pipeline.names import VARIANTS
+from pipeline.params import MAX_RECORDED_COUNT
 
 CLASS_NAMES = ("negative", "positive")
 SPLITS = ("train", "val", "test")
@@ -330,7 +331,7 @@ def read_summary(location: Path | str) -> ShardSummary:
     )
 
 
-MAX_SAMPLES = 10**9
+MAX_SAMPLES = MAX_RECORDED_COUNT  # params.yaml's shard bounds are held to it too
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 
 

@@ -19,6 +19,7 @@ import torch
 from pipeline.errors import CxrError
 from pipeline.fileio import atomic_output, sha256_file
 from pipeline.names import FREEZE_MODES, INIT_KINDS, MODEL_NAMES, VARIANTS
+from pipeline.params import INPUT_SIZE_RANGE
 from pipeline.shard_format import CLASS_NAMES
 from train.models import ScreeningNet, build_model
 
@@ -182,7 +183,7 @@ def load_checkpoint(path: Path | str) -> Checkpoint:
     return Checkpoint(path=path, meta=meta, state_dict=state, extra=extra if isinstance(extra, dict) else {})
 
 
-MAX_INPUT_SIZE = 1024
+MIN_INPUT_SIZE, MAX_INPUT_SIZE = INPUT_SIZE_RANGE  # the bound params.yaml's preprocess.size is held to
 
 
 def validate_meta(meta: Any, where: str) -> dict[str, Any]:
@@ -200,8 +201,8 @@ def validate_meta(meta: Any, where: str) -> dict[str, Any]:
     need(meta.get("model") in MODEL_NAMES, f"model must be one of {list(MODEL_NAMES)}, got {meta.get('model')!r}")
     need(meta.get("variant") in VARIANTS, f"variant must be one of {list(VARIANTS)}")
     size = meta.get("input_size")
-    need(isinstance(size, int) and not isinstance(size, bool) and 32 <= size <= MAX_INPUT_SIZE,
-         f"input_size must be an integer in [32, {MAX_INPUT_SIZE}], got {size!r}")  # fmt: skip
+    need(isinstance(size, int) and not isinstance(size, bool) and MIN_INPUT_SIZE <= size <= MAX_INPUT_SIZE,
+         f"input_size must be an integer in [{MIN_INPUT_SIZE}, {MAX_INPUT_SIZE}], got {size!r}")  # fmt: skip
     need(meta.get("class_names") == list(CLASS_NAMES), f"class_names must be {list(CLASS_NAMES)}")
     threshold = meta.get("threshold")
     value = threshold.get("value") if isinstance(threshold, dict) else None
