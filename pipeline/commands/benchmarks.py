@@ -123,6 +123,29 @@ def bench_screen(
     echo_json(run_screen_benchmark(read_params(params), root, images, model, arch, rounds))
 
 
+@app.command("bench-serve", rich_help_panel=BENCHMARKS)
+@fail_cleanly
+def bench_serve(
+    root: Annotated[Path, typer.Option(help="COVIDx-layout root whose images are cycled into the requests")] = DEFAULT_REAL_ROOT,
+    model: Annotated[
+        Optional[Path], typer.Option(help="Checkpoint to serve (default: a random --arch; weights do not change speed)")
+    ] = None,
+    arch: ArchOpt = "densenet121",
+    clients: Annotated[int, typer.Option(help="Concurrent clients, each sending one image per request")] = 8,
+    requests: Annotated[int, typer.Option(help="Timed requests in all (after a warm-up of 4 per client)")] = 2000,
+    params: ParamsOpt = DEFAULT_PARAMS,
+) -> None:
+    """Benchmark `cxr serve` on loopback under concurrent clients against `cxr predict` on the same images.
+
+    Reads: ROOT's images (linked into a temporary folder of REQUESTS files), the checkpoint, params (seed,
+    preprocess.*, variant for a random model). Writes nothing but the ONNX cache; prints images/s of both,
+    their ratio, p50/p95/p99 latency, errors and the server's RSS before and after the timed requests.
+    """
+    from train.bench.bench_serve import run_serve_benchmark
+
+    echo_json(run_serve_benchmark(read_params(params), root, model, arch, clients, requests))
+
+
 @app.command("bench-latency", rich_help_panel=BENCHMARKS)
 @fail_cleanly
 def bench_latency(

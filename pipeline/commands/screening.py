@@ -65,6 +65,56 @@ def predict(
 
 @app.command(rich_help_panel=SCREENING)
 @fail_cleanly
+def serve(
+    model: CheckpointOpt = DEFAULT_CHECKPOINT,
+    onnx: Annotated[
+        Optional[Path], typer.Option(help="Serve this ONNX model (from `cxr export`); --model then only gives heatmaps")
+    ] = None,
+    host: Annotated[str, typer.Option(help="Address to listen on; anything but loopback needs --token-file")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port")] = 8000,
+    metrics: Annotated[
+        Optional[Path], typer.Option(help="metrics/eval.json of this checkpoint: its test figures go on the model card")
+    ] = None,
+    token_file: Annotated[
+        Optional[Path], typer.Option(help="File holding the bearer token clients must send (never on the command line)")
+    ] = None,
+    insecure_no_auth: Annotated[
+        bool, typer.Option("--insecure-no-auth", help="Serve a non-loopback host without a token (trusted networks only)")
+    ] = False,
+    heatmaps: Annotated[bool, typer.Option("--heatmaps/--no-heatmaps", help="Allow ?heatmaps=true (keeps the "
+                                           "PyTorch weights in memory)")] = True,  # fmt: skip
+    batch_size: Annotated[int, typer.Option(help="Largest batch the concurrent requests' images are scored in")] = 32,
+    batch_wait_ms: Annotated[float, typer.Option(help="How long the first queued image waits for company")] = 5.0,
+    max_files: Annotated[int, typer.Option(help="Files per request")] = 64,
+    max_file_mb: Annotated[int, typer.Option(help="MiB per file (also bounded by the model's max_decoded_bytes)")] = 64,
+    max_request_mb: Annotated[int, typer.Option(help="MiB per request")] = 256,
+    queue_images: Annotated[int, typer.Option(help="Images waiting for the model before requests get 503")] = 256,
+    max_connections: Annotated[int, typer.Option(help="Open connections before uvicorn answers 503")] = 64,
+    timeout: Annotated[float, typer.Option(help="Seconds for a request's upload, and for its scores")] = 120.0,
+    workers: Annotated[int, typer.Option(help="Threads decoding uploads (0 = one per core)")] = 0,
+    device: Annotated[str, typer.Option(help="PyTorch device: auto (CUDA when present), cpu, cuda, cuda:N")] = "auto",
+    engine: EngineOpt = "auto",
+) -> None:
+    """Serve the model: a web page at / and a REST API (POST /v1/screen, GET /v1/model, /healthz, /docs).
+
+    Reads: the checkpoint or ONNX model (once), --metrics, --token-file. Writes nothing; uploads stay in
+    memory. Loopback only unless --token-file (or --insecure-no-auth) is given.
+    """
+    from train.runtime import pick_device
+    from train.screen.serve import ServeLimits, check_exposure
+    from train.screen.serve import serve as run_serve
+
+    check_exposure(host, token_file, insecure_no_auth)  # refused in one line before the model loads
+    limits = ServeLimits(max_file_bytes=max_file_mb * 2**20, max_request_bytes=max_request_mb * 2**20,
+                         max_files=max_files, queue_images=queue_images, batch_size=batch_size,
+                         batch_wait_ms=batch_wait_ms, request_timeout_s=timeout, decode_threads=workers)  # fmt: skip
+    run_serve(model, onnx, host=host, port=port, token_file=token_file, insecure_no_auth=insecure_no_auth,
+              metrics_path=metrics, device=pick_device(device), engine=engine, heatmaps=heatmaps, limits=limits,
+              max_connections=max_connections)  # fmt: skip
+
+
+@app.command(rich_help_panel=SCREENING)
+@fail_cleanly
 def export(
     model: CheckpointOpt = DEFAULT_CHECKPOINT,
     out: Annotated[Path, typer.Option(help="ONNX file to write")] = Path("models/model.onnx"),

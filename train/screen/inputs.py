@@ -80,12 +80,31 @@ def load_image(path: Path, cfg: PreprocessConfig) -> np.ndarray:
         raise CxrError(f"cannot read file: {exc.strerror or exc}") from None
     if len(data) > size:
         raise CxrError("file grew while it was being read")
-    return preprocess_bytes(data, cfg, str(path))
+    return load_bytes(data, str(path), cfg)
+
+
+def load_bytes(data: bytes, name: str, cfg: PreprocessConfig) -> np.ndarray:
+    """A file's contents (an upload, or what load_image read) -> the model's uint8 (size, size) input.
+
+    `name` lets a preamble-less DICOM be known by its .dcm suffix, as for files on disk.
+    """
+    if len(data) > cfg.max_decoded_bytes:
+        raise CxrError(f"file is {len(data) / 2**20:.0f} MiB, over the bound of {cfg.max_decoded_bytes / 2**20:.0f} MiB")
+    return preprocess_bytes(data, cfg, name)
 
 
 def load_or_reason(path: Path, cfg: PreprocessConfig) -> np.ndarray | str:
+    return _or_reason(load_image, path, cfg)
+
+
+def bytes_or_reason(data: bytes, name: str, cfg: PreprocessConfig) -> np.ndarray | str:
+    """`load_bytes`, or the same reason `cxr predict` records for that file."""
+    return _or_reason(load_bytes, data, name, cfg)
+
+
+def _or_reason(load, *args) -> np.ndarray | str:
     try:
-        return load_image(path, cfg)
+        return load(*args)
     except CxrError as exc:
         return str(exc)
     except Exception as exc:  # a decoder bug on one hostile file must not end a 10 000-image run; it is recorded

@@ -30,10 +30,13 @@ from train.metrics import predict_labels
 
 @dataclass(frozen=True)
 class Scores:
-    """One batch's numbers: the network's own sigmoid output and the calibrated probability, float64 (B,)."""
+    """One batch's numbers: the network's own sigmoid output and the calibrated probability, float64 (B,);
+    with an out-of-distribution gate, its score ((B,) float64) and verdict ((B,) bool), else None."""
 
     uncalibrated: np.ndarray
     calibrated: np.ndarray
+    ood_score: np.ndarray | None = None
+    out_of_distribution: np.ndarray | None = None
 
 
 class ScreeningModel:
