@@ -30,11 +30,27 @@ FreezeMode = Literal[FREEZE_MODES]  # type: ignore[valid-type]
 
 
 @dataclass(frozen=True)
+class LabelFiles:
+    """Which label file, in the dataset root, holds each split (images under ROOT/<split>/).
+
+    COVIDx CXR-2 and CXR-4 ship train.txt/val.txt/test.txt; CXR-3 ships
+    train_COVIDx_CXR-3B.txt and test_COVIDx_CXR-3B.txt (or the 3-class _CXR-3A
+    files) and no val file. val is used when that file exists and carved from
+    train by patient otherwise; null always carves.
+    """
+
+    train: str = "train.txt"
+    val: str | None = "val.txt"
+    test: str = "test.txt"
+
+
+@dataclass(frozen=True)
 class DataParams:
     root: str
     val_fraction: float
     max_reject_fraction: float
     leaks: Literal["report", "drop", "fail"]
+    labels: LabelFiles = LabelFiles()  # the published names; params.yaml always states them
 
 
 @dataclass(frozen=True)
@@ -199,10 +215,17 @@ def load_params(path: Path | str = "params.yaml") -> Params:
     return params_from_dict(raw)
 
 
+def _plain_file_name(name: str) -> bool:
+    # A label file name comes from -S on the command line: it must not lead out of the dataset root.
+    return name not in ("", ".", "..") and not any(c in name for c in "/\\\x00") and ":" not in name
+
+
 def _check_ranges(p: Params) -> None:
     checks = [
         (0.0 < p.data.val_fraction < 1.0, "data.val_fraction must be in (0, 1)"),
         (0.0 <= p.data.max_reject_fraction <= 1.0, "data.max_reject_fraction must be in [0, 1]"),
+        (all(_plain_file_name(n) for n in (p.data.labels.train, p.data.labels.val or "v", p.data.labels.test)),
+         "data.labels must name files directly in the dataset root (no folders, no '..')"),
         (0.0 <= p.preprocess.top_crop < 0.5, "preprocess.top_crop must be in [0, 0.5)"),
         (p.preprocess.size >= 32, "preprocess.size must be >= 32"),
         (p.preprocess.max_pixels > 0, "preprocess.max_pixels must be > 0"),
