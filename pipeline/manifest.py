@@ -21,7 +21,7 @@ from collections import Counter, defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 from tqdm import tqdm
@@ -112,21 +112,25 @@ def carve_validation(lines: list[LabelLine], fraction: float, seed: int, exclude
     return chosen
 
 
-def _read_split(
-    root: Path, split: str, pool: ThreadPoolExecutor, rejects: list[dict[str, Any]], show_progress: bool
-) -> tuple[int, list[_Hashed]]:
-    """One label file -> (its line count, the lines whose image is readable and not a duplicate)."""
-    lines, bad = parse_label_file(root / f"{split}.txt")
+def _parse_split(root: Path, split: str, label_file: str, rejects: list[dict[str, Any]]) -> tuple[int, list[LabelLine]]:
+    """One label file -> (its line count, its parsed lines without repeated filenames); the rest are rejects."""
+    lines, bad = parse_label_file(root / label_file)
     rejects += [{"split": split, "line": r.line_no, "text": r.text, "reason": r.reason} for r in bad]
     by_name: dict[str, int] = {}
     unique = []
     for line in lines:
         if line.filename in by_name:
-            reason = f"duplicate filename in {split}.txt (same as line {by_name[line.filename]})"
+            reason = f"duplicate filename in {label_file} (same as line {by_name[line.filename]})"
             rejects.append({"split": split, "line": line.line_no, "filename": line.filename, "reason": reason})
             continue
         by_name[line.filename] = line.line_no
         unique.append(line)
+    return len(lines) + len(bad), unique
+
+
+def _hash_split(root: Path, split: str, label_file: str, unique: list[LabelLine], pool: ThreadPoolExecutor,
+                rejects: list[dict[str, Any]], show_progress: bool) -> list[_Hashed]:  # fmt: skip
+    """The lines whose image (under ROOT/<split>/) is readable and not a content duplicate within the file."""
     kept: list[_Hashed] = []
     by_hash: dict[str, LabelLine] = {}
     results = tqdm(pool.map(lambda l: hash_inside(root, f"{split}/{l.filename}"), unique), total=len(unique),
@@ -136,13 +140,44 @@ def _read_split(
             reason = hashed
         elif hashed[0] in by_hash:
             first = by_hash[hashed[0]]
-            reason = f"duplicate image in {split}.txt: same content (sha256) as line {first.line_no} ({first.filename})"
+            reason = f"duplicate image in {label_file}: same content (sha256) as line {first.line_no} ({first.filename})"
         else:
             by_hash[hashed[0]] = line
             kept.append(_Hashed(line, *hashed))
             continue
         rejects.append({"split": split, "line": line.line_no, "filename": line.filename, "reason": reason})
-    return len(lines) + len(bad), kept
+    return kept
+
+
+def label_files(root: Path, data: DataParams) -> dict[str, str]:
+    """split -> label file name in ROOT, for the splits present (val only when its file exists and is asked for)."""
+    names = data.labels
+    missing = [n for n in (names.train, names.test) if not (root / n).is_file()]
+    if missing:
+        found = sorted(p.name for p in root.glob("*.txt"))[:10] if root.is_dir() else []
+        raise CxrError(f"{root} is not a COVIDx-layout root: no {' or '.join(missing)} (label files there: "
+                       f"{', '.join(found) or 'none'}); name them with -S data.labels.train=... "
+                       f"-S data.labels.test=... (README, Your data)")  # fmt: skip
+    files = {"train": names.train}
+    if names.val is not None and (root / names.val).is_file():
+        files["val"] = names.val
+    files["test"] = names.test
+    return files
+
+
+def found_table(files: dict[str, str], lines: dict[str, list[LabelLine]], val_carved: bool) -> str:
+    """What the label files hold, printed before the long hashing part: one short row per split."""
+    rows = [f"{'split':<6} {'label file':<28} {'images':>8} {'patients':>9}  classes / sources"]
+    for split, name in files.items():
+        classes = Counter(CLASS_NAMES[line.label] for line in lines[split])
+        sources = Counter(line.source for line in lines[split])
+        shown = ", ".join(f"{s} {n:,}" for s, n in sorted(sources.items(), key=lambda kv: (-kv[1], kv[0]))[:5])
+        more = f" (+{len(sources) - 5} more)" if len(sources) > 5 else ""
+        rows.append(f"{split:<6} {name:<28} {len(lines[split]):>8,} {len({l.patient_id for l in lines[split]}):>9,}  "
+                    f"{', '.join(f'{c} {n:,}' for c, n in sorted(classes.items()))} / {shown}{more}")  # fmt: skip
+    if val_carved:
+        rows.append("val    carved from train by patient (data.val_fraction)")
+    return "\n".join(rows)
 
 
 def find_leaks(parsed: dict[str, list[_Hashed]]) -> list[dict[str, Any]]:
@@ -201,22 +236,32 @@ def build_manifest(
     data: DataParams,
     seed: int,
     show_progress: bool = False,
+    announce: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
-    """ROOT's label files -> the manifest and the ingest report (params: data.val_fraction,
-    data.max_reject_fraction, data.leaks and seed; ROOT is passed, data.root is only the CLI's default)."""
+    """ROOT's label files -> the manifest and the ingest report (params: data.labels, data.val_fraction,
+    data.max_reject_fraction, data.leaks and seed; ROOT is passed, data.root is only the CLI's default).
+
+    `announce` gets the table of what the label files hold before any image is hashed.
+    """
     root = Path(root)
     val_fraction, leaks = data.val_fraction, data.leaks
-    if not (root / "train.txt").is_file() or not (root / "test.txt").is_file():
-        raise CxrError(f"{root} is not a COVIDx-layout root: it needs train.txt and test.txt (and train/, test/)")
-    present = [s for s in SPLITS if (root / f"{s}.txt").is_file()]
+    files = label_files(root, data)
+    present = list(files)
 
     rejects: list[dict[str, Any]] = []
     total_lines = 0
+    named: dict[str, list[LabelLine]] = {}
+    line_rejects: dict[str, list[dict[str, Any]]] = {split: [] for split in files}  # kept in file order, as before
+    for split, name in files.items():
+        count, named[split] = _parse_split(root, split, name, line_rejects[split])
+        total_lines += count
+    if announce is not None:
+        announce(found_table(files, named, "val" not in files))
     parsed: dict[str, list[_Hashed]] = {}
     with ThreadPoolExecutor(max_workers=min(8, (os.cpu_count() or 1) * 2)) as pool:  # hashing is I/O + GIL-free
-        for split in present:
-            count, parsed[split] = _read_split(root, split, pool, rejects, show_progress)
-            total_lines += count
+        for split, name in files.items():
+            rejects += line_rejects[split]
+            parsed[split] = _hash_split(root, split, name, named.pop(split), pool, rejects, show_progress)
     leak_pairs = find_leaks(parsed)
     report: dict[str, Any] = {"root": str(root), "label_files": present, "lines": total_lines,
                               "leak_policy": leaks, "leak_count": len(leak_pairs), "leaks": leak_pairs}  # fmt: skip
@@ -263,7 +308,7 @@ def build_manifest(
     report |= {
         "accepted": len(entries),
         "counts": counts,
-        "val_source": "val.txt" if "val" in present else f"carved from train by patient ({val_fraction:.0%}, seed {seed})",
+        "val_source": files["val"] if "val" in present else f"carved from train by patient ({val_fraction:.0%}, seed {seed})",
         "val_patients": len(val_patients) if "val" not in present else len(patients["val"]),
         "label_file_patient_overlap": {k: {"count": len(v), "patients": v[:50]} for k, v in label_overlap.items()},
         "cross_split_duplicate_images": sum(1 for leak in leak_pairs if leak["sha256"]),

@@ -31,11 +31,27 @@ FreezeMode = Literal[FREEZE_MODES]  # type: ignore[valid-type]
 
 
 @dataclass(frozen=True)
+class LabelFiles:
+    """Which label file, in the dataset root, holds each split (images under ROOT/<split>/).
+
+    COVIDx CXR-2 and CXR-4 ship train.txt/val.txt/test.txt; CXR-3 ships
+    train_COVIDx_CXR-3B.txt and test_COVIDx_CXR-3B.txt (or the 3-class _CXR-3A
+    files) and no val file. val is used when that file exists and carved from
+    train by patient otherwise; null always carves.
+    """
+
+    train: str = "train.txt"
+    val: str | None = "val.txt"
+    test: str = "test.txt"
+
+
+@dataclass(frozen=True)
 class DataParams:
     root: str
     val_fraction: float
     max_reject_fraction: float
     leaks: Literal["report", "drop", "fail"]
+    labels: LabelFiles = LabelFiles()  # the published names; params.yaml always states them
 
 
 @dataclass(frozen=True)
@@ -279,6 +295,11 @@ def _lookup(p: Params, key: str) -> Any:
     return node
 
 
+def _plain_file_name(name: str) -> bool:
+    # A label file name comes from -S on the command line: it must not lead out of the dataset root.
+    return name not in ("", ".", "..") and not any(c in name for c in "/\\\x00") and ":" not in name
+
+
 def _check_ranges(p: Params) -> None:
     for key, spec in RANGES.items():
         value = _lookup(p, key)
@@ -293,6 +314,8 @@ def _check_ranges(p: Params) -> None:
         (p.train.augment.scale[0] <= p.train.augment.scale[1],
          f"train.augment.scale must be [low, high] with low <= high, got {list(p.train.augment.scale)}"),
         (p.data.root.strip() != "", "data.root must be a non-empty path"),
+        (all(_plain_file_name(n) for n in (p.data.labels.train, p.data.labels.val or "v", p.data.labels.test)),
+         "data.labels must name files directly in the dataset root (no folders, no '..')"),
         (p.train.init.strip() != "", "train.init must be scratch, imagenet or a checkpoint path"),
         (p.train.freeze == "none" or p.train.init != "scratch",
          "train.freeze=backbone keeps the backbone as it starts: it needs train.init imagenet or a checkpoint"),

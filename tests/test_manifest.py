@@ -1,3 +1,4 @@
+import dataclasses
 import json
 import os
 from collections import defaultdict
@@ -9,6 +10,8 @@ import pytest
 
 from pipeline.errors import CxrError
 from pipeline.manifest import build_manifest, read_manifest
+from pipeline.params import LabelFiles
+from pipeline.shard_format import CLASS_NAMES
 from tests.conftest import data_params
 
 
@@ -157,3 +160,89 @@ def test_the_full_rejects_list_is_written_when_the_threshold_fails(tmp_path):
     report = json.loads((tmp_path / "r.json").read_text())
     assert report["reject_count"] == 10 == len(report["rejects"]) and "failed" in report
     assert not (tmp_path / "m.jsonl").exists()
+
+
+# Lines as the releases publish them (`patient_id filename class source`): CXR-2 ids with spaces,
+# CXR-3A's three classes, CXR-4's dotted Stony Brook names and BIDS-style BIMCV names.
+CXR2_LINES = {
+    "train": ["COVID 1 COVID(1).png positive sirm", "379 SARS-10.1148rg.242035193-g04mr34g0-Fig8a-day0.jpeg positive cohen",
+              "8f3b1e2a-1c7d-4e55-9c1a-0a0b0c0d0e0f 8f3b1e2a-1c7d-4e55-9c1a-0a0b0c0d0e0f.png negative rsna",
+              "9a1c2e3b-2d8e-4f66-8d2b-1b1c1d1e1f10 9a1c2e3b-2d8e-4f66-8d2b-1b1c1d1e1f10.png negative rsna"],
+    "test": ["419639-003251 MIDRC-RICORD-1C-419639-003251-46647-0.png positive ricord",
+             "ab2c3d4e-3e9f-4a77-9e3c-2c2d2e2f3031 ab2c3d4e-3e9f-4a77-9e3c-2c2d2e2f3031.png negative rsna"],
+}
+CXR3A_LINES = {
+    "train": ["COVID 1 COVID(1).png COVID-19 sirm", "2 pneumonia-bacterial.person1_bacteria_1.jpeg pneumonia rsna",
+              "3 normal.3.png normal rsna", "4 normal.4.png normal rsna"],
+    "test": ["419639-003251 MIDRC-RICORD-1C-419639-003251-46647-0.png COVID-19 ricord", "5 normal.5.png normal rsna"],
+}
+CXR3B_LINES = {split: [line.replace(" COVID-19 ", " positive ").replace(" pneumonia ", " negative ")
+                       .replace(" normal ", " negative ") for line in lines] for split, lines in CXR3A_LINES.items()}
+CXR4_LINES = {
+    "train": ["A860070 A860070-12-08-1901-NA-CHEST_AP_PORT-78073-1.000000-AP-04473-1-1.png positive stonybrook",
+              "S03047 sub-S03047_ses-E06138_run-1_bp-chest_vp-ap_cr.png positive bimcv",
+              "c1d2e3f4-4fa0-4b88-8f4d-3d3e3f404142 c1d2e3f4-4fa0-4b88-8f4d-3d3e3f404142.png negative rsna",
+              "d2e3f4a5-50b1-4c99-9a5e-4e4f50515253 d2e3f4a5-50b1-4c99-9a5e-4e4f50515253.png negative rsna"],
+    "val": ["A123456 A123456-01-01-1900-NA-CHEST_PA-12345-2.000000-PA-00001-1-1.png positive stonybrook",
+            "e3f4a5b6-61c2-4daa-8b6f-5f6061626364 e3f4a5b6-61c2-4daa-8b6f-5f6061626364.png negative rsna"],
+    "test": ["419639-003251 MIDRC-RICORD-1C-419639-003251-46647-0.png positive ricord",
+             "f4a5b6c7-72d3-4ebb-9c70-606162636465 f4a5b6c7-72d3-4ebb-9c70-606162636465.png negative rsna"],
+}
+
+
+def write_release(root: Path, lines: dict[str, list[str]], names: dict[str, str]) -> Path:
+    rng = np.random.default_rng(1)
+    for split, split_lines in lines.items():
+        (root / split).mkdir(parents=True)
+        for line in split_lines:
+            filename = line.rsplit(" ", 3)[1]
+            cv2.imwrite(str(root / split / filename), rng.integers(0, 255, (40, 40), dtype=np.uint8))
+        (root / names[split]).write_text("\n".join(split_lines) + "\n")
+    return root
+
+
+def ingest_release(tmp_path, lines, names, labels):
+    root = write_release(tmp_path / "ds", lines, names)
+    data = dataclasses.replace(data_params(val_fraction=0.5), labels=labels)
+    found = []
+    summary = build_manifest(root, tmp_path / "m.jsonl", tmp_path / "r.json", data, 1, announce=found.append)
+    return summary, read_manifest(tmp_path / "m.jsonl"), found[0]
+
+
+@pytest.mark.parametrize(
+    "release,lines,names,labels",
+    [
+        ("CXR-2", CXR2_LINES, {"train": "train.txt", "test": "test.txt"}, LabelFiles()),
+        ("CXR-3A", CXR3A_LINES, {"train": "train_COVIDx_CXR-3A.txt", "test": "test_COVIDx_CXR-3A.txt"},
+         LabelFiles(train="train_COVIDx_CXR-3A.txt", val=None, test="test_COVIDx_CXR-3A.txt")),
+        ("CXR-3B", CXR3B_LINES, {"train": "train_COVIDx_CXR-3B.txt", "test": "test_COVIDx_CXR-3B.txt"},
+         LabelFiles(train="train_COVIDx_CXR-3B.txt", val=None, test="test_COVIDx_CXR-3B.txt")),
+        ("CXR-4", CXR4_LINES, {"train": "train.txt", "val": "val.txt", "test": "test.txt"}, LabelFiles()),
+    ],
+)
+def test_published_layouts_ingest_as_downloaded(tmp_path, release, lines, names, labels):
+    summary, entries, found = ingest_release(tmp_path, lines, names, labels)
+    expected = {(line.rsplit(" ", 3)[1], line.rsplit(" ", 3)[2]) for split in lines for line in lines[split]}
+    positive = {"positive", "COVID-19"}
+    assert {(e.filename, CLASS_NAMES[e.label]) for e in entries} == {
+        (f, "positive" if c in positive else "negative") for f, c in expected}
+    assert summary["reject_count"] == 0 and summary["accepted"] == len(expected)
+    assert all("." not in e.key for e in entries) and all(e.path == f"{e.path.split('/')[0]}/{e.filename}" for e in entries)
+    by_split = {e.split for e in entries if e.filename in {l.rsplit(" ", 3)[1] for l in lines["test"]}}
+    assert by_split == {"test"}
+    if "val" in lines:  # CXR-4: val.txt used as given, not carved
+        assert {e.filename for e in entries if e.split == "val"} == {l.rsplit(" ", 3)[1] for l in lines["val"]}
+        assert summary["val_source"] == "val.txt"
+    else:
+        assert summary["val_source"].startswith("carved") and any(e.split == "val" for e in entries)
+    assert names["train"] in found and "patients" in found
+    assert ("carved from train" in found) == ("val" not in lines)
+    patients_train = len({l.rsplit(" ", 3)[0] for l in lines["train"]})
+    assert f"{names['train']:<28} {len(lines['train']):>8,} {patients_train:>9,}" in found
+
+
+def test_missing_label_files_name_the_params_to_set(tmp_path):
+    root = write_release(tmp_path / "ds", CXR3B_LINES, {"train": "train_COVIDx_CXR-3B.txt", "test": "test_COVIDx_CXR-3B.txt"})
+    with pytest.raises(CxrError, match=r"no train.txt or test.txt \(label files there: test_COVIDx_CXR-3B.txt, "
+                                       r"train_COVIDx_CXR-3B.txt\); name them with -S data.labels.train"):
+        build_manifest(root, tmp_path / "m.jsonl", tmp_path / "r.json", data_params(), 1)

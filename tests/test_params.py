@@ -34,6 +34,9 @@ def test_committed_params_load_into_frozen_objects():
         ("preprocess.reduced_decode", "yes", "true or false"),
         ("data.val_fraction", 1.5, "val_fraction"),
         ("train.augment.scale", [0.9], "list of 2"),
+        ("data.labels.train", "../outside.txt", "directly in the dataset root"),
+        ("data.labels.test", "/etc/passwd", "directly in the dataset root"),
+        ("data.labels.test", None, "data.labels.test must be a string"),
     ],
 )
 def test_bad_values_are_errors(path, value, message):
@@ -49,6 +52,14 @@ def test_unknown_and_missing_keys_are_errors():
     del raw["data"]["root"]
     with pytest.raises(CxrError, match="missing key.*data.root"):
         params_from_dict(raw)
+
+
+def test_label_files_default_to_the_published_names_and_take_cxr3s():
+    p = load_params("params.yaml")
+    assert (p.data.labels.train, p.data.labels.val, p.data.labels.test) == ("train.txt", "val.txt", "test.txt")
+    cxr3 = params_from_dict(with_change("data.labels.train", "train_COVIDx_CXR-3B.txt"))
+    assert cxr3.data.labels.train == "train_COVIDx_CXR-3B.txt"
+    assert params_from_dict(with_change("data.labels.val", None)).data.labels.val is None
 
 
 def test_null_lr_means_per_model_default_and_numbers_coerce():

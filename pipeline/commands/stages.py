@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -59,14 +60,16 @@ def ingest(
 ) -> None:
     """Parse the label files, hash every image, split train/val/test by patient.
 
-    Reads: ROOT/{train,val,test}.txt and the images they name. Writes: the manifest
+    Reads: ROOT's label files (params data.labels: train.txt, val.txt, test.txt by default) and
+    the images they name under ROOT/train/, val/, test/; prints what it found (stderr) before hashing. Writes: the manifest
     (one line per image: split, key, path, label, patient_id, source, sha256) and a
     report with per-split counts, rejected lines with reasons and patient overlaps.
     """
     from pipeline.manifest import build_manifest
 
     p = read_params(params)
-    echo_json(build_manifest(root or Path(p.data.root), out, report, p.data, p.seed, show_progress=True))
+    found = functools.partial(typer.echo, err=True)
+    echo_json(build_manifest(root or Path(p.data.root), out, report, p.data, p.seed, show_progress=True, announce=found))
 
 
 @app.command(rich_help_panel=STAGES)
