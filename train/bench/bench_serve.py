@@ -2,10 +2,11 @@
 
 The server is the real command (`python -m pipeline.cli serve`) in a subprocess on an ephemeral
 loopback port; N client threads (httpx, one connection each) send one image per request until
-REQUESTS requests have been sent. Before timing, a warm-up of a few requests per client settles
-the engine (ONNX Runtime's session, first-batch check) and the allocator, and the server's RSS is
-read then (`before`) and after the timed requests (`after`): growth there is what a long-running
-server would leak. The images are a COVIDx-layout root's files cycled to REQUESTS (hard links,
+REQUESTS requests have been sent. Before timing, a warm-up (every distinct image once, at least a
+few requests per client) settles the engine (ONNX Runtime's session, first-batch check, its arena
+for each batch shape) and the allocator; the server's RSS is read then (`before`), halfway through
+the timed requests (`mid`) and after them (`after`): growth that goes on in the second half is
+what a long-running server would leak. The images are a COVIDx-layout root's files cycled to REQUESTS (hard links,
 bench_screen.replicate_root); `predict` then scores the very same files in-process, after the
 server has stopped, so the two never share the cores.
 """
@@ -46,7 +47,8 @@ def run_serve_benchmark(params: Params, source: Path, checkpoint: Path | None, a
         model = checkpoint or random_checkpoint(tmp_dir / "model.pt", arch, params)
         layout = replicate_root(source, tmp_dir / "root", requests)
         files = sorted((tmp_dir / "root" / "test").iterdir())
-        served = _serve_and_drive(model, files, clients, warmup_per_client, tmp_dir / "server.log")
+        served = _serve_and_drive(model, files, layout["distinct_files"], clients, warmup_per_client,
+                                  tmp_dir / "server.log")  # fmt: skip
 
         predict(files[: 2 * BATCH_SIZE], checkpoint=model, out_csv=tmp_dir / "warm.csv", batch_size=BATCH_SIZE,
                 workers=0, device=torch.device("cpu"), progress=False)  # fmt: skip
@@ -74,7 +76,8 @@ def run_serve_benchmark(params: Params, source: Path, checkpoint: Path | None, a
     }
 
 
-def _serve_and_drive(model: Path, files: list[Path], clients: int, warmup: int, log_path: Path) -> dict[str, Any]:
+def _serve_and_drive(model: Path, files: list[Path], distinct: int, clients: int, warmup: int,
+                     log_path: Path) -> dict[str, Any]:  # fmt: skip
     port = _free_port()
     cmd = [sys.executable, "-m", "pipeline.cli", "serve", "--model", str(model), "--port", str(port),
            "--no-heatmaps", "--batch-size", str(BATCH_SIZE), "--device", "cpu"]  # fmt: skip
@@ -84,12 +87,18 @@ def _serve_and_drive(model: Path, files: list[Path], clients: int, warmup: int, 
     try:
         _wait_healthy(server, url, log_path)
         payloads = [(f.name, f.read_bytes()) for f in files]
-        _drive(url, payloads, clients, clients * warmup)
+        # Warm-up: every distinct image once (each size the decoders and allocator will see), at least
+        # `warmup` requests per client (the engine's batch shapes).
+        _drive(url, payloads, clients, max(clients * warmup, distinct))
         rss_before = _rss_mb(server.pid)
+        half = len(payloads) // 2
         begin = time.perf_counter()
-        latencies, errors = _drive(url, payloads, clients, len(payloads))
+        latencies, errors = _drive(url, payloads[:half], clients, half)
+        rss_mid = _rss_mb(server.pid)  # growth that stops by mid-run is the allocator settling; a leak goes on
+        more, more_errors = _drive(url, payloads[half:], clients, len(payloads) - half)
         seconds = time.perf_counter() - begin
         rss_after = _rss_mb(server.pid)
+        latencies, errors = latencies + more, errors + more_errors
     finally:
         server.send_signal(signal.SIGINT)
         try:
@@ -102,8 +111,9 @@ def _serve_and_drive(model: Path, files: list[Path], clients: int, warmup: int, 
         "serve_images_per_s": round(len(payloads) / seconds, 2),
         "latency_ms": {f"p{q}": round(float(np.percentile(ms, q)), 1) for q in (50, 95, 99)},
         "errors": errors,
-        "server_rss_mb": {"before": round(rss_before, 1), "after": round(rss_after, 1),
-                          "growth": round(rss_after - rss_before, 1)},  # fmt: skip
+        "server_rss_mb": {"before": round(rss_before, 1), "mid": round(rss_mid, 1), "after": round(rss_after, 1),
+                          "growth": round(rss_after - rss_before, 1),
+                          "growth_second_half": round(rss_after - rss_mid, 1)},  # fmt: skip
     }
 
 
