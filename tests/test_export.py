@@ -214,3 +214,33 @@ def test_export_never_overwrites_a_file_it_did_not_write(tmp_path, resnet50_onnx
     with pytest.raises(CxrError, match="not an ONNX model written by `cxr export`"):
         _check_replaceable(notes)
     _check_replaceable(resnet50_onnx[1])  # our own export may be replaced
+
+
+def crafted_onnx(path: Path, meta: dict, *, fill: float = 0.0, input_name: str = "image", channels: int = 1,
+                 batch: str | int = "batch", columns: int = 1, output_name: str = "logit",
+                 extra: tuple = ()) -> Path:  # fmt: skip
+    """A hand-made ONNX file carrying `meta` as `cxr export` stores it: image -> Conv (every weight
+    `fill`) -> Reshape -> logit. The keywords break the project's contract one way at a time;
+    `extra`: (nodes, initializers, outputs) appended to the graph."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    size = meta["input_size"]
+    weight = numpy_helper.from_array(np.full((columns, channels, size, size), fill, np.float32), "w")
+    shape = numpy_helper.from_array(np.array([-1] if columns == 1 else [-1, columns], np.int64), "shape")
+    nodes = [helper.make_node("Conv", [input_name, "w"], ["conv"]),
+             helper.make_node("Reshape", ["conv", "shape"], [output_name])]  # fmt: skip
+    out_shape = [batch] if columns == 1 else [batch, columns]
+    inputs = [helper.make_tensor_value_info(input_name, TensorProto.FLOAT, [batch, channels, size, size])]
+    outputs = [helper.make_tensor_value_info(output_name, TensorProto.FLOAT, out_shape)]
+    more_nodes, more_inits, more_outputs = extra or ([], [], [])
+    graph = helper.make_graph(nodes + list(more_nodes), "crafted", inputs, outputs + list(more_outputs),
+                              [weight, shape, *more_inits])  # fmt: skip
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", export_mod.OPSET)])
+    proto.ir_version = 9
+    proto.producer_name = "cxr-screen"
+    full = {**meta, "checkpoint_sha256": "0" * 64,
+            "onnx": {"exporter": "crafted", "opset": export_mod.OPSET, "input": "image", "output": "logit"}}  # fmt: skip
+    entry = proto.metadata_props.add()
+    entry.key, entry.value = export_mod.META_KEY, json.dumps(full)
+    path.write_bytes(proto.SerializeToString())
+    return path

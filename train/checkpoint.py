@@ -50,7 +50,8 @@ class Checkpoint:
 
     @property
     def threshold(self) -> float:
-        return float(self.meta["threshold"]["value"])
+        """The operating threshold; CxrError for a resume checkpoint (last.pt), which has none yet."""
+        return operating_threshold(self.meta, str(self.path))
 
     @property
     def threshold_record(self) -> dict[str, Any]:
@@ -184,6 +185,16 @@ def load_checkpoint(path: Path | str) -> Checkpoint:
 
 
 MIN_INPUT_SIZE, MAX_INPUT_SIZE = INPUT_SIZE_RANGE  # the bound params.yaml's preprocess.size is held to
+
+
+def operating_threshold(meta: dict[str, Any], where: str) -> float:
+    """meta's threshold value (validated by validate_meta), or one clear line when it is None: last.pt
+    is saved during training, before a threshold is chosen on validation, so it cannot take decisions."""
+    value = meta["threshold"]["value"]
+    if value is None:
+        raise CxrError(f"{where} is a resume checkpoint written during training; screen with best.pt "
+                       "(no operating threshold is chosen before training ends)")  # fmt: skip
+    return float(value)
 
 
 def validate_meta(meta: Any, where: str) -> dict[str, Any]:

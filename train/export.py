@@ -73,6 +73,7 @@ def export_onnx(
     """
     ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else load_checkpoint(checkpoint)
     out_path = Path(out_path)
+    ckpt.threshold  # a resume checkpoint (last.pt) cannot screen: refused before the slow trace
     model = ckpt.build().float().eval()
     size = ckpt.input_size
 

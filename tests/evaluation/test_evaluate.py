@@ -225,3 +225,40 @@ def test_shards_at_a_url_score_exactly_as_the_folder(tmp_path, http_root):
     remote = evaluate_shards(ckpt, f"{url}/plain", params.evaluate, params.train, 0)
     assert remote.test.keys == local.test.keys and np.array_equal(remote.test.probs, local.test.probs)
     assert remote.report["roc_auc_ci95"] == local.report["roc_auc_ci95"] and remote.report["shards"] == f"{url}/plain"
+
+
+class _Fixed:
+    """An engine whose probabilities are given: what a NaN-weight checkpoint or a crafted graph returns."""
+
+    def __init__(self, values):
+        self.values = iter(values)
+
+    def probabilities(self, images):
+        return np.array(next(self.values), np.float64)
+
+
+def _batch(keys: list[str]) -> dict:
+    return {"image": torch.zeros(len(keys), 1, 4, 4, dtype=torch.uint8), "label": torch.zeros(len(keys)),
+            "key": keys, "meta": [{}] * len(keys)}  # fmt: skip
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), 1.5, -0.1])
+def test_a_non_finite_or_out_of_range_probability_stops_the_evaluation(bad):
+    from train.evaluation.evaluate import predict_batches
+
+    engine = _Fixed([[0.2, 0.3], [0.4, bad, bad]])
+    with pytest.raises(CxrError, match=r"for 2 of 5 images \(first: k3\)"):
+        predict_batches(engine, [_batch(["k0", "k1"]), _batch(["k2", "k3", "k4"])])
+    good = predict_batches(_Fixed([[0.2, 0.3]]), [_batch(["k0", "k1"])])
+    assert good.raw.tolist() == [0.2, 0.3]
+
+
+def test_a_resume_checkpoint_is_refused_before_scoring(tmp_path, tiny):
+    shards, ckpt = tiny
+    loaded = load_checkpoint(ckpt)
+    last = tmp_path / "last.pt"
+    save_checkpoint(last, dict(loaded.meta, threshold={"value": None, "rule": "max_f1", "split": "val"}),
+                    loaded.state_dict)  # fmt: skip
+    params = load_params(_params_file(tmp_path))
+    with pytest.raises(CxrError, match="last.pt is a resume checkpoint written during training; screen with best.pt"):
+        evaluate_shards(last, shards, params.evaluate, params.train, seed=0, engine="eager")

@@ -17,6 +17,7 @@ from tests.screen.test_predict import BAD, GOOD, PLATT, inputs, checkpoint, read
 from train import Screener
 from train.calibration import PROB_COLUMN
 from train.calibration import apply as calibrate
+from train.checkpoint import load_checkpoint
 from train.export import export_onnx
 
 
@@ -107,3 +108,20 @@ def test_an_onnx_screener_matches_cxr_predict_onnx_and_explains_only_with_its_we
         screener.predict("scans/a.png", heatmaps=True)
     explained = Screener("models/model.onnx", checkpoint="models/best.pt").predict("scans/a.png", heatmaps=True)
     assert explained[0].heatmap.shape == (224, 224) and 0 <= explained[0].heatmap.min() <= 1
+
+
+def test_nan_weights_give_an_error_and_no_decision_through_the_api(tmp_path, inputs, checkpoint):  # noqa: F811
+    from tests.screen.test_predict import _with_state
+
+    broken = _with_state(tmp_path, checkpoint, "nan.pt", fill=float("nan"))
+    results = Screener(broken, engine="eager").predict([inputs / "a.png", np.full((300, 300), 90, np.uint8)])
+    assert len(results) == 2
+    assert all(r.decision is None and r.probability is None and "not finite" in r.error for r in results)
+
+
+def test_a_resume_checkpoint_is_refused_by_the_api(tmp_path, checkpoint):  # noqa: F811
+    from tests.screen.test_predict import _with_state
+
+    meta = dict(load_checkpoint(checkpoint).meta, threshold={"value": None, "rule": "max_f1", "split": "val"})
+    with pytest.raises(CxrError, match="resume checkpoint written during training; screen with best.pt"):
+        Screener(_with_state(tmp_path, checkpoint, "last.pt", meta=meta))

@@ -284,3 +284,42 @@ def test_a_file_that_grows_while_it_is_read_is_an_error_not_a_longer_read(inputs
     monkeypatch.setattr(screen_inputs.os, "fstat", lambda fd: Shrunk(real_fstat(fd)))
     with pytest.raises(CxrError, match="grew while it was being read"):
         load_image(inputs / "a.png", CFG)
+
+
+def _with_state(tmp_path: Path, checkpoint: Path, name: str, *, fill: float | None = None, meta: dict | None = None):
+    ckpt = load_checkpoint(checkpoint)
+    state = {k: torch.full_like(v, fill) if fill is not None and v.is_floating_point() else v
+             for k, v in ckpt.state_dict.items()}  # fmt: skip
+    save_checkpoint(tmp_path / name, meta or ckpt.meta, state)
+    return tmp_path / name
+
+
+def test_nan_weights_are_an_error_row_and_exit_2_not_a_negative(tmp_path, inputs, checkpoint):
+    """issue 21: a checkpoint whose weights are NaN gave `nan,negative` and exit 0."""
+    broken = _with_state(tmp_path, checkpoint, "nan.pt", fill=float("nan"))
+    out = tmp_path / "p.csv"
+    result = run(str(inputs / "a.png"), "--model", str(broken), "--out", str(out), "--engine", "eager")
+    assert result.exit_code == 2, result.output
+    row = read_rows(out)[str(inputs / "a.png")]
+    assert (row[PROB_COLUMN], row["decision"]) == ("", "") and "not finite" in row["error"]
+
+
+def test_a_crafted_onnx_that_outputs_nan_is_an_error_row(tmp_path, inputs, checkpoint):
+    from tests.test_export import crafted_onnx
+
+    graph = crafted_onnx(tmp_path / "nan.onnx", load_checkpoint(checkpoint).meta, fill=float("nan"))
+    out = tmp_path / "p.csv"
+    result = run(str(inputs / "a.png"), str(inputs / "c.jpg"), "--onnx", str(graph), "--model", str(checkpoint),
+                 "--out", str(out))  # fmt: skip
+    assert result.exit_code == 2, result.output
+    rows = read_rows(out)
+    assert all(r["decision"] == "" and "not finite" in r["error"] for r in rows.values()) and len(rows) == 2
+
+
+def test_a_resume_checkpoint_is_one_clear_line(tmp_path, inputs, checkpoint):
+    """issue 21: last.pt (no threshold chosen yet) gave KeyError 'value'."""
+    meta = dict(load_checkpoint(checkpoint).meta, threshold={"value": None, "rule": "max_f1", "split": "val"})
+    last = _with_state(tmp_path, checkpoint, "last.pt", meta=meta)
+    result = run(str(inputs / "a.png"), "--model", str(last), "--out", str(tmp_path / "p.csv"))
+    assert result.exit_code == 1 and "resume checkpoint written during training; screen with best.pt" in result.output
+    assert not (tmp_path / "p.csv").exists()

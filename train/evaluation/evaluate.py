@@ -89,6 +89,11 @@ def predict_batches(
     if not keys:  # the caller says why (no shards, every image rejected)
         return Predictions([], np.empty(0, np.int64), np.empty(0, np.float64), [], np.empty(0, np.float64))
     raw = np.concatenate(probs).astype(np.float64)
+    broken = ~np.isfinite(raw) | (raw < 0) | (raw > 1)
+    if broken.any():  # every metric over a NaN is wrong (a NaN is "negative" at any threshold): stop here
+        first = keys[int(np.argmax(broken))]
+        raise CxrError(f"the model gave a non-finite or out-of-range probability for {int(broken.sum())} of "
+                       f"{len(keys)} images (first: {first}); the model is broken, no metrics computed")  # fmt: skip
     return Predictions(keys, np.concatenate(labels).astype(np.int64), calibration_mod.apply(raw, calibration), meta, raw)
 
 
@@ -144,6 +149,7 @@ def evaluate_shards(
     `engine`: auto (ONNX Runtime when it matches PyTorch, see train/inference.py), onnxruntime or eager.
     """
     ckpt = load_checkpoint(checkpoint_path)
+    ckpt.threshold  # a resume checkpoint (last.pt) is refused before any image is scored
     summary = read_summary(shards_dir or Path("shards") / ckpt.variant)
     _check_compatible(ckpt, summary)
     runner = Engine(ckpt, engine, pick_device())

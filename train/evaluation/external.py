@@ -118,6 +118,7 @@ def evaluate_external(
     train.num_workers (decoding threads) and seed.
     """
     ckpt = load_checkpoint(checkpoint_path)
+    ckpt.threshold  # a resume checkpoint (last.pt) is refused before any image is scored
     cfg = PreprocessConfig.from_dict(ckpt.preprocess)
     runner = Engine(ckpt, engine, pick_device())
     rejects = list(label_rejects)

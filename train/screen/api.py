@@ -20,7 +20,7 @@ others, as in the CLI.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Union
@@ -115,18 +115,24 @@ class Screener:
         images = self._model.stack([img for _, img in ok])
         scores = self._model.score(images)
         raw, probs = scores.uncalibrated, scores.calibrated
-        maps: Iterable[np.ndarray | None] = [None] * len(ok)
-        if heatmaps and ok:
-            x = model_input(images, self.device)
-            maps = gradcam_heatmaps(self._model.cam_model, x)
-        scored = {name: (float(p), float(r), img, m) for (name, img), p, r, m in zip(ok, probs, raw, maps)}
+        maps: list[np.ndarray | None] = [None] * len(ok)
+        good = [i for i, why in enumerate(scores.errors) if not why]  # Grad-CAM of a broken output explains nothing
+        if heatmaps and good:
+            x = model_input(images[good], self.device)
+            for i, m in zip(good, gradcam_heatmaps(self._model.cam_model, x)):
+                maps[i] = m
+        scored = {name: (float(p), float(r), img, m, why)
+                  for (name, img), p, r, m, why in zip(ok, probs, raw, maps, scores.errors)}  # fmt: skip
         out = []
         for name, img in chunk:
-            if name in scored:
-                p, r, image, heatmap = scored[name]
-                out.append(self._result(name, "", p, r, image, heatmap))
-            else:
+            if name not in scored:
                 out.append(self._result(name, img))
+                continue
+            p, r, image, heatmap, why = scored[name]
+            if why:  # a non-finite or out-of-range output: an error, never a decision
+                out.append(self._result(name, why, image=image))
+            else:
+                out.append(self._result(name, "", p, r, image, heatmap))
         return out
 
     def _result(self, name: str, error: str, probability: float | None = None, uncalibrated: float | None = None,

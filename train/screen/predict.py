@@ -117,13 +117,16 @@ def predict(
         write_rows(rows)
         for chunk in batched(loaded, batch_size):
             ok = [(path, img) for path, img in chunk if not isinstance(img, str)]
-            probs = model.score(model.stack([img for _, img in ok])).calibrated
-            by_path = {path: float(p) for (path, _), p in zip(ok, probs)}
-            batch_rows = [row(str(p), by_path.get(p), "" if p in by_path else img) for p, img in chunk]
+            scores = model.score(model.stack([img for _, img in ok]))
+            # a non-finite or out-of-range output is that image's error, as an unreadable file is
+            failed = {path: why for (path, _), why in zip(ok, scores.errors) if why}
+            by_path = {path: float(p) for (path, _), p, why in zip(ok, scores.calibrated, scores.errors) if not why}
+            batch_rows = [row(str(p), by_path.get(p), "" if p in by_path else failed.get(p, img)) for p, img in chunk]
             write_rows(batch_rows)
             rows += batch_rows
-            if heatmaps_dir is not None and ok:
-                _write_heatmaps(model.cam_model, ok, heatmaps_dir, device)
+            explained = [(path, img) for path, img in ok if path in by_path]
+            if heatmaps_dir is not None and explained:
+                _write_heatmaps(model.cam_model, explained, heatmaps_dir, device)
             bar.update(len(chunk))
     decided = [r for r in rows if not r["error"]]
     positives = sum(r["decision"] == CLASS_NAMES[1] for r in decided)

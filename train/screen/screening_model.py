@@ -11,7 +11,7 @@ the engine's probabilities here, once, and the decision is taken here, once.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -23,7 +23,7 @@ from pipeline.errors import CxrError
 from pipeline.preprocess import PreprocessConfig
 from pipeline.shard_format import CLASS_NAMES
 from train.calibration import apply as calibrate
-from train.checkpoint import load_checkpoint
+from train.checkpoint import load_checkpoint, operating_threshold
 from train.inference import Engine
 from train.metrics import predict_labels
 
@@ -31,19 +31,32 @@ from train.metrics import predict_labels
 @dataclass(frozen=True)
 class Scores:
     """One batch's numbers: the network's own sigmoid output and the calibrated probability, float64 (B,);
-    with an out-of-distribution gate, its score ((B,) float64) and verdict ((B,) bool), else None."""
+    per image why its numbers are no basis for a decision ("" when they are); with an
+    out-of-distribution gate, its score ((B,) float64) and verdict ((B,) bool), else None."""
 
     uncalibrated: np.ndarray
     calibrated: np.ndarray
+    errors: list[str] = field(default_factory=list)
     ood_score: np.ndarray | None = None
     out_of_distribution: np.ndarray | None = None
+
+
+def output_error(raw: float, calibrated: float) -> str:
+    """Why a model output is no basis for a decision ("" when it is): a NaN compares false with any
+    threshold, so without this a broken model (NaN weights, a crafted graph) calls everyone negative."""
+    for name, value in (("output", raw), ("calibrated output", calibrated)):
+        if not np.isfinite(value):
+            return f"the model's {name} is {value} (not finite): the model is broken; no decision"
+        if not 0.0 <= value <= 1.0:
+            return f"the model's {name} {value!r} is not a probability in [0, 1]; no decision"
+    return ""
 
 
 class ScreeningModel:
     """Open with `ScreeningModel.open(...)`; `score` a batch of preprocessed images, `decide` on a probability."""
 
     def __init__(self, meta: dict[str, Any], identity: str, probabilities: Callable[[np.ndarray], np.ndarray],
-                 cam_model: torch.nn.Module | None, engine: Callable[[], str]):  # fmt: skip
+                 cam_model: torch.nn.Module | None, engine: Callable[[], str], where: str):  # fmt: skip
         self.meta = meta
         self.identity = identity  # model/variant@checkpoint sha256 prefix (+onnx): predict's `model` column
         self._probabilities = probabilities  # uint8 (B, H, W) -> float64 (B,)
@@ -53,7 +66,7 @@ class ScreeningModel:
         if self.config.size != int(meta["input_size"]):
             raise CxrError(f"model meta is inconsistent: preprocess size {self.config.size} "
                            f"!= input_size {meta['input_size']}")  # fmt: skip
-        self.threshold = float(meta["threshold"]["value"])
+        self.threshold = operating_threshold(meta, where)
         self.calibration = meta.get("calibration")
 
     @classmethod
@@ -66,12 +79,13 @@ class ScreeningModel:
             runner = Engine(ckpt, engine, device)
             identity = f"{ckpt.model_name}/{ckpt.variant}@{ckpt.file_sha256()[:12]}"
             return cls(ckpt.meta, identity, runner.probabilities, runner.model if heatmaps else None,
-                       lambda: f"{runner.path}-{device.type}")  # fmt: skip
+                       lambda: f"{runner.path}-{device.type}", str(checkpoint))  # fmt: skip
 
         from train.export import onnx_meta, onnx_probabilities, onnx_session
 
         session = onnx_session(onnx_path)
         meta = onnx_meta(session, onnx_path)
+        operating_threshold(meta, str(onnx_path))  # before the heatmap weights are read
         sha = meta["checkpoint_sha256"]
         cam_model = None
         if heatmaps:  # Grad-CAM needs gradients, hence the PyTorch weights -- the very ones exported
@@ -84,7 +98,8 @@ class ScreeningModel:
             cam_model = ckpt.build().to(device)
         identity = f"{meta['model']}/{meta['variant']}@{sha[:12]}+onnx"
         provider = session.get_providers()[0].replace("ExecutionProvider", "").lower()
-        return cls(meta, identity, partial(onnx_probabilities, session), cam_model, lambda: f"onnxruntime-{provider}")
+        return cls(meta, identity, partial(onnx_probabilities, session), cam_model, lambda: f"onnxruntime-{provider}",
+                   str(onnx_path))  # fmt: skip
 
     @property
     def engine(self) -> str:
@@ -98,9 +113,12 @@ class ScreeningModel:
     def score(self, images: np.ndarray) -> Scores:
         """uint8 (B, size, size) preprocessed images -> their scores, the same mapping for PyTorch and ONNX."""
         if len(images) == 0:
-            return Scores(np.empty(0), np.empty(0))
-        raw = self._probabilities(images)
-        return Scores(raw, calibrate(raw, self.calibration))
+            return Scores(np.empty(0), np.empty(0), [])
+        raw = np.asarray(self._probabilities(images), np.float64)
+        if raw.shape != (len(images),):  # a graph checked at open cannot do this; a wrapped engine could
+            raise CxrError(f"the model returned shape {raw.shape} for {len(images)} images; expected one output each")
+        calibrated = calibrate(raw, self.calibration)
+        return Scores(raw, calibrated, [output_error(r, c) for r, c in zip(raw, calibrated)])
 
     def decide(self, probability: float) -> str:
         """The decision at the operating threshold, on the calibrated probability."""
