@@ -114,14 +114,11 @@ def test_heatmaps_are_base64_pngs_of_the_input_size(client, files, model):
 
 
 def test_ood_fields_and_score_errors_pass_through(model, files):
-    @dataclasses.dataclass(frozen=True)
-    class GatedScores(Scores):
-        errors: list | None = None
-
     def gated(images):
         s = model.score(images)
         n = len(images)
-        return GatedScores(s.uncalibrated, s.calibrated, np.full(n, 7.5), np.ones(n, bool), ["non-finite output"] * n)
+        return Scores(s.uncalibrated, s.calibrated, errors=["non-finite output"] * n, ood_score=np.full(n, 7.5),
+                      out_of_distribution=np.ones(n, bool))  # fmt: skip
 
     gate_model = type("Gated", (), {})()
     gate_model.__dict__.update(model.__dict__)
