@@ -17,6 +17,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import tempfile
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
@@ -93,10 +94,35 @@ def atomic_write_json(path: Path | str, obj: Any, *, indent: int | None = 2) -> 
     atomic_write_text(path, text + "\n")
 
 
+# A cell a spreadsheet would run as a formula (OWASP "CSV injection"): file names and shard
+# metadata such as `=HYPERLINK(...)` come from users. A plain number keeps its sign (-0.5 stays a number).
+_FORMULA_START = frozenset("=+-@\t\r")
+_PLAIN_NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
+
+
+def spreadsheet_safe(cell: Any) -> Any:
+    """`cell` as every CSV of the project writes it: a text cell that starts a formula gets a leading
+    `'` (the convention spreadsheets show as text); one that starts with `'` gets another, so
+    `spreadsheet_value` gives every text back exactly. Non-text cells are left as they are."""
+    if not isinstance(cell, str) or not cell:
+        return cell
+    if cell[0] == "'" or (cell[0] in _FORMULA_START and not _PLAIN_NUMBER.fullmatch(cell)):
+        return "'" + cell
+    return cell
+
+
+def spreadsheet_value(cell: Any) -> Any:
+    """The text `spreadsheet_safe` was given, for code that reads the project's CSVs back."""
+    if isinstance(cell, str) and len(cell) > 1 and cell[0] == "'" and (cell[1] == "'" or cell[1] in _FORMULA_START):
+        return cell[1:]
+    return cell
+
+
 def atomic_write_csv(path: Path | str, rows: Iterable[Sequence[Any]]) -> None:
-    """Rows in the csv module's default dialect (\\r\\n line ends, as `open(newline="")` writes them)."""
+    """Rows in the csv module's default dialect (\\r\\n line ends, as `open(newline="")` writes them),
+    every cell through `spreadsheet_safe`."""
     buffer = io.StringIO(newline="")
-    csv.writer(buffer).writerows(rows)
+    csv.writer(buffer).writerows([spreadsheet_safe(c) for c in row] for row in rows)
     atomic_write_text(path, buffer.getvalue())
 
 

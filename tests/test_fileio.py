@@ -1,3 +1,4 @@
+import csv
 import errno
 import json
 import os
@@ -129,3 +130,17 @@ def test_save_figure_writes_a_png_of_the_figure_size_at_100_dpi_atomically(tmp_p
     with Image.open(out) as img:
         assert (img.format, img.size) == ("PNG", (300, 200))
     assert [p.name for p in out.parent.iterdir()] == ["fig.png"]  # no temp left beside it
+
+
+def test_cells_a_spreadsheet_would_run_are_escaped_and_numbers_stay_numbers(tmp_path):
+    from pipeline.fileio import atomic_write_csv, spreadsheet_safe, spreadsheet_value
+
+    hostile = ["=1+2", "+SUM(A1)", "-2+3", "@cmd", "\t=x", "\r=x", '=HYPERLINK("http://x")', "'=already", "-"]
+    plain = ["a.png", "-0.5", "+3", "1e-3", "-.25", "", "x=1"]
+    atomic_write_csv(tmp_path / "t.csv", [hostile + plain, [-0.5, 3, None]])
+    with open(tmp_path / "t.csv", newline="") as fh:
+        first, second = list(csv.reader(fh))
+    assert all(cell.startswith("'") for cell in first[: len(hostile)])
+    assert first[len(hostile):] == plain and second == ["-0.5", "3", ""]
+    assert [spreadsheet_value(c) for c in first] == hostile + plain
+    assert spreadsheet_safe(7) == 7 and spreadsheet_value(None) is None

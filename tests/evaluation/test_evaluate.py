@@ -262,3 +262,16 @@ def test_a_resume_checkpoint_is_refused_before_scoring(tmp_path, tiny):
     params = load_params(_params_file(tmp_path))
     with pytest.raises(CxrError, match="last.pt is a resume checkpoint written during training; screen with best.pt"):
         evaluate_shards(last, shards, params.evaluate, params.train, seed=0, engine="eager")
+
+
+def test_shard_metadata_a_spreadsheet_would_run_is_escaped_in_the_predictions_csv(tmp_path):
+    from train.evaluation.evaluate import Predictions, write_predictions
+
+    meta = [{"source": '=HYPERLINK("http://x")', "patient_id": "+1-2", "filename": "@x.png"}, {"source": "toy"}]
+    probs = np.array([0.25, 0.75])
+    write_predictions(tmp_path / "p.csv", Predictions(["-k", "k2"], np.array([0, 1]), probs, meta, probs), 0.5)
+    with open(tmp_path / "p.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert (rows[0]["key"], rows[0]["source"], rows[0]["patient_id"], rows[0]["filename"]) == (
+        "'-k", '\'=HYPERLINK("http://x")', "'+1-2", "'@x.png")  # fmt: skip
+    assert rows[1]["source"] == "toy" and rows[0]["label"] == "0" and rows[1]["p_covid_calibrated_at_val_prevalence"] == "0.750000"

@@ -323,3 +323,14 @@ def test_a_resume_checkpoint_is_one_clear_line(tmp_path, inputs, checkpoint):
     result = run(str(inputs / "a.png"), "--model", str(last), "--out", str(tmp_path / "p.csv"))
     assert result.exit_code == 1 and "resume checkpoint written during training; screen with best.pt" in result.output
     assert not (tmp_path / "p.csv").exists()
+
+
+def test_file_names_a_spreadsheet_would_run_are_escaped_in_the_csv(tmp_path, inputs, checkpoint, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # relative names, as a user types them: the path cell starts with the name
+    Path("=1+2.png").write_bytes((inputs / "a.png").read_bytes())
+    Path("@evil.png").write_text("not an image")
+    result = run("=1+2.png", "@evil.png", "--model", str(checkpoint), "--out", "p.csv", "--engine", "eager")
+    assert result.exit_code == 2, result.output
+    rows = read_rows(Path("p.csv"))
+    assert set(rows) == {"'=1+2.png", "'@evil.png"}
+    assert rows["'=1+2.png"]["decision"] in ("positive", "negative") and rows["'@evil.png"]["error"]

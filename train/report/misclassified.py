@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from pipeline.errors import CxrError
+from pipeline.fileio import spreadsheet_value
 from pipeline.shard_format import shard_images
 from train.calibration import PROB_COLUMN
 from train.checkpoint import load_checkpoint
@@ -22,7 +23,7 @@ from train.report.experiments import Run, get, run_artifact
 def _predictions(data: bytes, label: str) -> dict[str, dict[str, str]]:
     """key -> row, with `probability` the score the run's threshold applies to: the calibrated
     column of current runs, or the `probability` column of runs from before calibration."""
-    rows = list(csv.DictReader(io.StringIO(data.decode())))
+    rows = [{k: spreadsheet_value(v) for k, v in r.items()} for r in csv.DictReader(io.StringIO(data.decode()))]
     column = next((c for c in (PROB_COLUMN, "probability") if rows and c in rows[0]), None)
     if not rows or column is None or not {"key", "label"} <= set(rows[0]):
         raise CxrError(f"run {label}: its predictions CSV lacks key/label/{PROB_COLUMN} columns")

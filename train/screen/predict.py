@@ -30,6 +30,7 @@ import torch
 from tqdm import tqdm
 
 from pipeline.errors import CxrError
+from pipeline.fileio import spreadsheet_safe
 from pipeline.ownership import claim_folder
 from pipeline.shard_format import CLASS_NAMES
 from train.calibration import PROB_COLUMN
@@ -182,7 +183,10 @@ def _csv_rows(path: Path) -> Iterator[Callable[..., None]]:
 
         def write(rows: list[dict[str, Any]] | None = None) -> None:
             try:
-                writer.writerows(rows) if rows is not None else writer.writeheader()
+                if rows is None:
+                    writer.writeheader()
+                else:  # file names come from users: `=1+2.png` must not run in a spreadsheet
+                    writer.writerows({k: spreadsheet_safe(v) for k, v in r.items()} for r in rows)
                 fh.flush()
             except OSError as exc:  # a full disk mid-run: one clean line, the rows so far stay
                 raise CxrError(f"cannot write {path}: {exc.strerror or exc}") from None
