@@ -24,7 +24,6 @@ from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
-from tqdm import tqdm
 
 from pipeline.dicom import image_file_header
 from pipeline.errors import CxrError
@@ -32,6 +31,7 @@ from pipeline.fileio import atomic_write_text
 from pipeline.imageio import Header, ImageRejected
 from pipeline.labels import LabelLine, open_inside, parse_label_file
 from pipeline.params import DataParams
+from pipeline.progress import Progress
 from pipeline.rejects import check_reject_fraction
 from pipeline.shard_format import CLASS_NAMES, SPLITS
 
@@ -133,9 +133,10 @@ def _hash_split(root: Path, split: str, label_file: str, unique: list[LabelLine]
     """The lines whose image (under ROOT/<split>/) is readable and not a content duplicate within the file."""
     kept: list[_Hashed] = []
     by_hash: dict[str, LabelLine] = {}
-    results = tqdm(pool.map(lambda l: hash_inside(root, f"{split}/{l.filename}"), unique), total=len(unique),
-                   desc=f"ingest {split}", unit="img", disable=not show_progress, leave=False)  # fmt: skip
+    results = pool.map(lambda l: hash_inside(root, f"{split}/{l.filename}"), unique)
+    progress = Progress(len(unique), f"ingest {split}", enabled=show_progress)
     for line, hashed in zip(unique, results):
+        progress.update()
         if isinstance(hashed, str):
             reason = hashed
         elif hashed[0] in by_hash:
@@ -146,6 +147,7 @@ def _hash_split(root: Path, split: str, label_file: str, unique: list[LabelLine]
             kept.append(_Hashed(line, *hashed))
             continue
         rejects.append({"split": split, "line": line.line_no, "filename": line.filename, "reason": reason})
+    progress.close()
     return kept
 
 

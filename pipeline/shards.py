@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
-from tqdm import tqdm
 
 from pipeline.errors import CxrError
 from pipeline.fileio import atomic_write_json, output_lock
@@ -28,6 +27,7 @@ from pipeline.manifest import ManifestEntry, read_manifest
 from pipeline.ownership import claim_folder, remove_owned
 from pipeline.params import DataParams, PreprocessParams, ShardParams
 from pipeline.preprocess import PreprocessConfig
+from pipeline.progress import Progress
 from pipeline.rejects import check_reject_fraction
 from pipeline.shard_worker import ShardResult, ShardTask, process_one, process_pool
 from pipeline.shard_format import (
@@ -119,7 +119,7 @@ def _write_locked(entries, ingest, root, out_dir, variant, cfg, shard, workers, 
 def _fill(sinks, tasks, workers, variant, show_progress, ingest):
     rejects = list(ingest.get("rejects", []))
     class_counts = {split: Counter() for split in SPLITS}
-    progress = tqdm(total=len(tasks), desc=f"shard {variant}", unit="img", disable=not show_progress)
+    progress = Progress(len(tasks), f"shard {variant}", enabled=show_progress)
     for result in _results(tasks, workers):
         progress.update()
         e = result.entry
