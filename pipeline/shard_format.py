@@ -24,7 +24,9 @@ import hashlib
 import io
 import json
 import re
+import struct
 import tarfile
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,7 +40,7 @@ from pipeline.errors import CxrError
 from pipeline.fileio import atomic_output, atomic_write_json, sha256_file
 from pipeline.locations import is_url, join_location, read_bytes, read_shard
 from pipeline.names import VARIANTS
-from pipeline.params import MAX_RECORDED_COUNT
+from pipeline.params import INPUT_SIZE_RANGE, MAX_RECORDED_COUNT
 
 CLASS_NAMES = ("negative", "positive")
 SPLITS = ("train", "val", "test")
@@ -169,18 +171,47 @@ def encode_sample(key: str, png: bytes, label: int, meta: dict[str, Any]) -> dic
     }
 
 
-def decode_sample(sample: dict[str, Any]) -> dict[str, Any]:
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+PNG_GREY = 0  # IHDR colour type of a greyscale image without alpha
+
+
+def png_header(data: bytes) -> tuple[int, int, int, int] | None:
+    """(width, height, bit depth, colour type) from a PNG's IHDR, or None when it has none.
+
+    Read from the first 26 bytes, so a shard image is checked against its summary before
+    libspng allocates what its header claims (a 20000 x 20000 image would take 400 MB)."""
+    if len(data) < 26 or data[:8] != PNG_SIGNATURE or data[12:16] != b"IHDR":
+        return None
+    width, height, depth, colour = struct.unpack(">IIBB", data[16:26])
+    return width, height, depth, colour
+
+
+def check_png_header(data: bytes, size: int, where: str) -> None:
+    """A shard image must be the summary's size x size, 8-bit grey, as the shard stage writes it."""
+    header = png_header(data)
+    if header is None:
+        raise CxrError(f"{where}: png is not a 1-channel 8-bit image (no PNG header)")
+    width, height, depth, colour = header
+    if (width, height, depth, colour) != (size, size, 8, PNG_GREY):
+        raise CxrError(f"{where}: png is {width}x{height}, bit depth {depth}, colour type {colour}: not a 1-channel "
+                       f"8-bit image of the summary's size; the summary's images are {size}x{size}")
+
+
+def decode_sample(sample: dict[str, Any], size: int | None = None) -> dict[str, Any]:
     """A sample as read from a tar -> {"key", "image": uint8 (H, W), "label", "meta"}.
 
-    The PNG is decoded as stored (webdataset's "pil" decoders return RGB, 3x
-    the bytes for nothing), with libspng, as the shard stage reads PNGs: faster
-    than OpenCV's libpng.
+    With `size` (the summary's preprocess size) the PNG's header is checked first and an image
+    of another size, depth or mode is refused undecoded. The PNG is decoded as stored
+    (webdataset's "pil" decoders return RGB, 3x the bytes for nothing), with libspng, as the
+    shard stage reads PNGs: faster than OpenCV's libpng.
     """
     key = sample.get("__key__", "?")
     url = sample.get("__url__", "?")
     missing = [k for k in SAMPLE_FIELDS if k not in sample]
     if missing:
         raise CxrError(f"{url}: sample {key} lacks {missing}")
+    if size is not None:
+        check_png_header(sample["png"], size, f"{url}: sample {key}")
     try:
         img = pyspng.load(sample["png"])
     except Exception:  # libspng reports a corrupt PNG as a plain RuntimeError
@@ -194,6 +225,8 @@ def decode_sample(sample: dict[str, Any]) -> dict[str, Any]:
         raise CxrError(f"{url}: sample {key}: unreadable cls/json field ({exc})") from None
     if label not in (0, 1):
         raise CxrError(f"{url}: sample {key}: label {label} is not 0 or 1")
+    if not isinstance(meta, dict):
+        raise CxrError(f"{url}: sample {key}: json is a {type(meta).__name__}, not an object")
     return {"key": key, "image": img, "label": label, "meta": meta}
 
 
@@ -211,6 +244,11 @@ class ShardSummary:
     splits: dict[str, SplitInfo]
     preprocess: dict[str, Any]
     raw: dict[str, Any]
+
+    @property
+    def image_size(self) -> int:
+        """Every stored image is image_size x image_size (checked by read_summary)."""
+        return self.preprocess["size"]
 
     @property
     def shard_byte_limit(self) -> int:
@@ -351,6 +389,10 @@ def _check_summary(raw: Any, path: str) -> dict[str, SplitInfo]:
     for bound in ("max_bytes", "max_count"):  # they bound every shard read: positive counts or absent
         need(bound not in raw["params"] or (_is_count(raw["params"][bound]) and raw["params"][bound] > 0),
              f"params.{bound} must be a positive count")  # fmt: skip
+    size = raw["params"]["preprocess"].get("size")
+    need(_is_count(size) and 0 < size <= INPUT_SIZE_RANGE[1],
+         f"params.preprocess.size must be an integer in [1, {INPUT_SIZE_RANGE[1]}]")  # fmt: skip
+    max_count = raw["params"].get("max_count")
     need(isinstance(raw.get("splits"), dict) and set(raw["splits"]) <= set(SPLITS), f"splits must be among {SPLITS}")
     splits = {}
     for name, info in raw["splits"].items():
@@ -364,6 +406,9 @@ def _check_summary(raw: Any, path: str) -> dict[str, SplitInfo]:
             need(isinstance(shard, dict) and shard.get("name") == shard_name(name, index),
                  f"{name}.shards[{index}] must be named {shard_name(name, index)}")  # fmt: skip
             need(_is_count(shard.get("count")), f"{name}.shards[{index}].count must be a count")
+            # the shard stage rolls over at max_count: a larger count is a summary that lies
+            need(max_count is None or shard["count"] <= max_count,
+                 f"{name}.shards[{index}].count {shard['count']} exceeds params.max_count {max_count}")  # fmt: skip
             need(isinstance(shard.get("sha256"), str) and bool(_SHA256.fullmatch(shard["sha256"])),
                  f"{name}.shards[{index}].sha256 must be 64 hex digits")  # fmt: skip
         need(sum(s["count"] for s in shards) == info["count"], f"{name}: shard counts do not add up to its count")
@@ -393,3 +438,64 @@ def verify_shards(location: Path | str) -> dict[str, Any]:
         raise CxrError(f"{summary.location}: {len(bad)} of {checked} shard(s) do not match the summary's sha256: "
                        + ", ".join(bad[:5]))  # fmt: skip
     return {"shards": checked, "ok": True, "variant": summary.variant}
+
+
+def audit_shards(summary: ShardSummary) -> dict[str, dict[str, int]]:
+    """What every shard of the variant holds, checked against its summary before the summary is used.
+
+    The summary's counts drive the steps per epoch and the class weights, and its splits are
+    assumed disjoint, so none is believed on its word: each shard is read (sha256-checked, as
+    the reader does), its members are walked, each sample's `cls` is counted and its PNG's
+    header checked, and a key seen twice (in a split or across splits) is an error. No PNG is
+    decoded and each shard is read once, so the pass costs about one read and hash of the
+    shards (a fraction of one epoch) and its memory is one shard plus the keys.
+    Returns {split: {class name: count}}, equal to the summary's (it raises otherwise).
+    """
+    owner: dict[str, str] = {}  # key -> the shard it was first seen in
+    held: dict[str, dict[str, int]] = {}
+    for split in (name for name in SPLITS if name in summary.splits):
+        info = summary.splits[split]
+        counts: Counter[str] = Counter()
+        for shard in info.shards:
+            path = join_location(summary.location, shard["name"])
+            data = read_shard(path, shard["sha256"], summary.shard_byte_limit)
+            fields: dict[str, set[str]] = {}
+            try:
+                with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+                    for member in tar:
+                        if not member.isfile():
+                            continue
+                        folder, _, base = member.name.rpartition("/")
+                        stem, _, field = base.partition(".")  # webdataset's key: up to the name's first dot
+                        key = f"{folder}/{stem}" if folder else stem
+                        if field not in SAMPLE_FIELDS:
+                            continue
+                        seen = fields.setdefault(key, set())
+                        if not seen and key in owner:
+                            raise CxrError(f"{summary.location}: key {key} is in {owner[key]} and again in "
+                                           f"{shard['name']}: a sample is counted once, in one split")  # fmt: skip
+                        if field in seen:
+                            raise CxrError(f"{path}: sample {key} has two {field} members")
+                        seen.add(field)
+                        owner.setdefault(key, shard["name"])
+                        if field == "png":
+                            check_png_header(tar.extractfile(member).read(26), summary.image_size, f"{path}: sample {key}")
+                        elif field == "cls":
+                            label = tar.extractfile(member).read(8)
+                            if label not in (b"0", b"1"):
+                                raise CxrError(f"{path}: sample {key}: label {label!r} is not 0 or 1")
+                            counts[CLASS_NAMES[int(label)]] += 1
+            except tarfile.TarError as exc:
+                raise CxrError(f"{path}: not a readable tar ({exc})") from None
+            lacking = next((k for k, f in fields.items() if len(f) < len(SAMPLE_FIELDS)), None)
+            if lacking is not None:
+                raise CxrError(f"{path}: sample {lacking} lacks {sorted(set(SAMPLE_FIELDS) - fields[lacking])}")
+            if len(fields) != shard["count"]:
+                raise CxrError(f"{path}: {shard['name']} holds {len(fields)} samples, the summary lists "
+                               f"{shard['count']}; refusing the summary")  # fmt: skip
+        held[split] = {name: counts[name] for name in CLASS_NAMES}
+        listed = {name: info.class_counts.get(name, 0) for name in CLASS_NAMES}
+        if held[split] != listed:
+            raise CxrError(f"{summary.location}: split {split} holds {held[split]}, the summary lists {listed}; "
+                           "refusing the summary")
+    return held

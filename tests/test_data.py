@@ -178,3 +178,137 @@ def test_a_tampered_shard_served_over_http_is_refused(http_root):
     shard.write_bytes(bytes(data))
     with pytest.raises(CxrError, match=r"train-000000.tar: sha256 .* differs"):
         _train(summary, num_workers=2)
+
+
+# --- shard samples checked against their summary before use (issue 21) ------------------------
+
+def _png_header_only(width: int, height: int) -> bytes:
+    """A valid PNG of width x height black grey pixels, built row by row (never width x height in memory)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    packer, row, parts = zlib.compressobj(9), b"\0" * (width + 1), []
+    for _ in range(height):
+        parts.append(packer.compress(row))
+    parts.append(packer.flush())
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", b"".join(parts)) + chunk(b"IEND", b"")
+
+
+def _variant(directory: Path, splits: dict[str, list[list[tuple]]], size: int = 64, **params) -> Path:
+    """A variant whose shards hold exactly the given (key, png, label, meta) samples, with an honest summary
+    (every sha256 and count is what the tars hold), as a hostile producer with the format's writer makes it."""
+    import numpy as np
+
+    from pipeline.fileio import sha256_file
+    from pipeline.shard_format import CLASS_NAMES, encode_png, encode_sample, make_summary, shard_name, split_record
+    from pipeline.shard_format import write_summary
+
+    directory.mkdir(parents=True)
+    records = {}
+    for split, shards in splits.items():
+        written, counts = [], Counter()
+        for index, samples in enumerate(shards):
+            name = shard_name(split, index)
+            with wds.TarWriter(str(directory / name), mtime=0) as sink:
+                for key, png, label, meta in samples:
+                    png = png if png is not None else encode_png(np.full((size, size), 7, np.uint8))
+                    sink.write(encode_sample(key, png, label, meta))
+                    counts[CLASS_NAMES[label]] += 1
+            written.append({"name": name, "count": len(samples), "sha256": sha256_file(directory / name)})
+        records[split] = split_record(written, counts)
+    write_summary(directory, make_summary(variant="plain", root="raw", splits=records,
+                                          params={"preprocess": {"size": size}, "seed": 0, **params}, label_lines=0,
+                                          rejects=[], patient_overlap={}, leaks=[]))  # fmt: skip
+    return directory
+
+
+def _honest(split: str, n: int, png=None, meta=None) -> list[tuple]:
+    return [(f"{split}_{i}", png, i % 2, meta if meta is not None else {"patient_id": f"{split}{i}"}) for i in range(n)]
+
+
+def test_a_huge_png_in_an_honestly_summarised_shard_is_refused_from_its_header(tmp_path: Path):
+    import resource
+
+    huge = _png_header_only(20000, 20000)  # ~0.4 MB of PNG that would decode to 400 MB
+    directory = _variant(tmp_path / "v", {"test": [_honest("test", 3) + [("bomb", huge, 0, {})]]})
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with pytest.raises(CxrError, match=r"sample bomb: png is 20000x20000,.*; the summary's images are 64x64") as e:
+        list(eval_batches(read_summary(directory), "test", batch_size=2, num_workers=0))
+    assert "\n" not in str(e.value)
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 100 * 1024  # KiB: nothing was decoded
+
+
+def test_an_image_of_another_size_than_the_summarys_is_refused_not_scored(tmp_path: Path):
+    import numpy as np
+
+    from pipeline.shard_format import encode_png
+
+    other = encode_png(np.zeros((300, 300), np.uint8))
+    directory = _variant(tmp_path / "v", {"test": [_honest("test", 2) + [("big", other, 1, {})]]}, size=224)
+    with pytest.raises(CxrError, match=r"sample big: png is 300x300,.*; the summary's images are 224x224"):
+        list(eval_batches(read_summary(directory), "test", batch_size=8, num_workers=0))
+
+
+def test_a_sample_whose_json_is_not_an_object_is_refused_with_its_key(tmp_path: Path):
+    directory = _variant(tmp_path / "v", {"test": [_honest("test", 2) + [("listy", None, 1, [1, 2])]]})
+    with pytest.raises(CxrError, match=r"sample listy: json is a list, not an object"):
+        list(eval_batches(read_summary(directory), "test", batch_size=8, num_workers=0))
+
+
+def test_the_same_key_in_two_shards_of_a_split_is_an_error(tmp_path: Path):
+    from pipeline.shard_format import audit_shards
+
+    directory = _variant(tmp_path / "v", {"train": [_honest("train", 4)], "val": [_honest("val", 2)],
+                                          "test": [_honest("test", 2), _honest("test", 2)]})  # fmt: skip
+    with pytest.raises(CxrError, match=r"key test_0 is in test-000000.tar and again in test-000001.tar"):
+        audit_shards(read_summary(directory))
+
+
+def test_a_key_in_two_splits_is_an_error(tmp_path: Path):
+    from pipeline.shard_format import audit_shards
+
+    leaked = _honest("train", 4)
+    directory = _variant(tmp_path / "v", {"train": [leaked], "val": [_honest("val", 2)], "test": [leaked[:2]]})
+    with pytest.raises(CxrError, match=r"key train_0 is in train-000000.tar and again in test-000000.tar"):
+        audit_shards(read_summary(directory))
+
+
+def test_each_shards_count_must_be_what_it_holds(tmp_path: Path):
+    from pipeline.shard_format import audit_shards
+
+    directory = _variant(tmp_path / "v", {"test": [_honest("test", 2), _honest("more", 4)]})
+    raw = json.loads((directory / SUMMARY_NAME).read_text())
+    shards = raw["splits"]["test"]["shards"]
+    shards[0]["count"], shards[1]["count"] = 3, 3  # the split's total still adds up
+    (directory / SUMMARY_NAME).write_text(json.dumps(raw))
+    with pytest.raises(CxrError, match=r"test-000000.tar holds 2 samples, the summary lists 3"):
+        audit_shards(read_summary(directory))
+
+
+def test_class_counts_must_be_what_the_shards_hold(tmp_path: Path):
+    from pipeline.shard_format import audit_shards
+
+    directory = _variant(tmp_path / "v", {"train": [_honest("train", 4)]})
+    raw = json.loads((directory / SUMMARY_NAME).read_text())
+    raw["splits"]["train"]["class_counts"] = {"negative": 3, "positive": 1}  # drives the class weights
+    (directory / SUMMARY_NAME).write_text(json.dumps(raw))
+    with pytest.raises(CxrError, match=r"train holds \{'negative': 2, 'positive': 2\}, the summary lists"):
+        audit_shards(read_summary(directory))
+
+
+def test_honest_shards_pass_the_audit_with_the_summarys_counts(tiny_shards: Path):
+    from pipeline.shard_format import audit_shards
+
+    summary = read_summary(tiny_shards)
+    held = audit_shards(summary)
+    assert held == {split: summary.split(split).class_counts for split in summary.splits}
+
+
+def test_a_shard_count_above_the_recorded_max_count_is_refused(tmp_path: Path):
+    directory = _variant(tmp_path / "v", {"test": [_honest("test", 4)]}, max_count=2, max_bytes=10**6)
+    with pytest.raises(CxrError, match=r"test.shards\[0\].count 4 exceeds params.max_count 2"):
+        read_summary(directory)

@@ -145,10 +145,10 @@ def test_the_shard_bound_comes_from_the_summary_and_is_validated(tmp_path: Path)
     path = tmp_path / "plain" / SUMMARY_NAME
     raw = json.loads(path.read_text())
     assert read_summary(tmp_path / "plain").shard_byte_limit == MAX_SHARD_BYTES_UNRECORDED  # bounds not recorded
-    raw["params"].update(max_bytes=5000, max_count=3)
+    raw["params"].update(max_bytes=5000, max_count=8)
     path.write_text(json.dumps(raw))
-    # max(5000, one 64x64 sample: 2 * 64 * 64 + 16 KiB) + 3 samples' tar allowance + 1 MiB
-    assert read_summary(tmp_path / "plain").shard_byte_limit == (2 * 64 * 64 + 16384) + 3 * 16384 + 2**20
+    # max(5000, one 64x64 sample: 2 * 64 * 64 + 16 KiB) + 8 samples' tar allowance + 1 MiB
+    assert read_summary(tmp_path / "plain").shard_byte_limit == (2 * 64 * 64 + 16384) + 8 * 16384 + 2**20
     for bad in (0, -1, True, "100", 1.5):
         raw["params"]["max_bytes"] = bad
         path.write_text(json.dumps(raw))

@@ -9,6 +9,7 @@ device, which keeps host->device copies and pinned buffers 4x smaller.
 
 from __future__ import annotations
 
+import functools
 import io
 import math
 import random
@@ -156,7 +157,7 @@ def train_batches(
         wds.split_by_worker,
         VerifiedTarSamples(summary),
         WorkerShuffle(shuffle_buffer, seed, epoch, rank),
-        wds.map(decode_sample),
+        wds.map(functools.partial(decode_sample, size=summary.image_size)),
         wds.batched(batch_size, collation_fn=collate, partial=False),
     )
     loader = DataLoader(
@@ -190,7 +191,7 @@ def eval_batches(summary: ShardSummary, split: str, batch_size: int, num_workers
         wds.SimpleShardList(urls),
         wds.split_by_worker,
         VerifiedTarSamples(summary),
-        wds.map(decode_sample),
+        wds.map(functools.partial(decode_sample, size=summary.image_size)),
         wds.batched(batch_size, collation_fn=collate, partial=True),
     )
     loader = DataLoader(dataset, batch_size=None, num_workers=workers)

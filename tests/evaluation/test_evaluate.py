@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import csv
 import json
+import tarfile
+from collections import Counter
 from pathlib import Path
 
 import cv2
@@ -275,3 +277,31 @@ def test_shard_metadata_a_spreadsheet_would_run_is_escaped_in_the_predictions_cs
     assert (rows[0]["key"], rows[0]["source"], rows[0]["patient_id"], rows[0]["filename"]) == (
         "'-k", '\'=HYPERLINK("http://x")', "'+1-2", "'@x.png")  # fmt: skip
     assert rows[1]["source"] == "toy" and rows[0]["label"] == "0" and rows[1]["p_covid_calibrated_at_val_prevalence"] == "0.750000"
+
+
+def test_a_test_key_also_in_train_is_refused_before_scoring(tmp_path, tiny):
+    """Today n_test counted it and leaks_between_splits said 0 (issue 21)."""
+    import shutil
+
+    from tests.conftest import reseal
+
+    shards, ckpt = tiny
+    shutil.copy(shards / "train-000000.tar", shards / "test-000001.tar")  # a train shard also listed as test
+    raw = json.loads((shards / "summary.json").read_text())
+    train0, test = raw["splits"]["train"]["shards"][0], raw["splits"]["test"]
+    test["shards"][1] = {**train0, "name": "test-000001.tar"}
+    test["count"] = test["shards"][0]["count"] + train0["count"]
+    held = Counter()
+    for name in ("test-000000.tar", "test-000001.tar"):
+        with tarfile.open(shards / name) as tar:
+            held.update(read_cls(tar))
+    test["class_counts"] = {name: held[name] for name in ("negative", "positive")}  # an honest-looking summary
+    (shards / "summary.json").write_text(json.dumps(raw))
+    reseal(shards)
+    params = load_params(_params_file(tmp_path))
+    with pytest.raises(CxrError, match=r"key train_000\d+ is in train-000000.tar and again in test-000001.tar"):
+        evaluate_shards(ckpt, shards, params.evaluate, params.train, seed=0, engine="eager")
+
+
+def read_cls(tar) -> list[str]:
+    return [("negative", "positive")[int(tar.extractfile(m).read())] for m in tar if m.name.endswith(".cls")]

@@ -296,3 +296,18 @@ def test_ranks_without_rank_0s_disk_resume_with_it(tmp_path: Path, http_root):
     result = json.loads(run.stdout[run.stdout.index("{"):])
     assert result == {"resumed_from_epoch": 1, "steps_per_rank": [0, 0], "epochs_run": 1}
     assert not (tmp_path / "node1" / "last.pt").exists()  # one writer
+
+
+def test_a_summary_claiming_a_billion_training_images_is_refused_before_any_step(tmp_path: Path, shards: Path):
+    """Today it planned 250,000,000 steps per epoch and took its class weights from the claim (issue 21)."""
+    raw = json.loads((shards / "summary.json").read_text())
+    train = raw["splits"]["train"]
+    extra = 10**9 - train["count"]
+    train["shards"][0]["count"] += extra
+    train["count"] = 10**9
+    train["class_counts"]["negative"] += extra
+    (shards / "summary.json").write_text(json.dumps(raw))
+    started = time.perf_counter()
+    with pytest.raises(CxrError, match=r"train-000000.tar holds \d+ samples, the summary lists 99999"):
+        train_model(_params(), shards, tmp_path / "m", tmp_path / "l", progress=False)
+    assert time.perf_counter() - started < 30 and not (tmp_path / "m" / "last.pt").exists()

@@ -39,7 +39,7 @@ from pipeline.errors import CxrError
 from pipeline.fileio import atomic_write_csv, atomic_write_json, atomic_write_text
 from pipeline.ownership import claim_folder
 from pipeline.params import EvaluateParams, TrainParams
-from pipeline.shard_format import CLASS_NAMES, ShardSummary, read_summary
+from pipeline.shard_format import CLASS_NAMES, ShardSummary, audit_shards, read_summary
 from train import calibration as calibration_mod
 from train import metrics
 from train.checkpoint import Checkpoint, load_checkpoint
@@ -152,6 +152,8 @@ def evaluate_shards(
     ckpt.threshold  # a resume checkpoint (last.pt) is refused before any image is scored
     summary = read_summary(shards_dir or Path("shards") / ckpt.variant)
     _check_compatible(ckpt, summary)
+    # Every split, train too: a test key that is also a train (or val) key is a leak the metrics would hide.
+    audit_shards(summary)
     runner = Engine(ckpt, engine, pick_device())
     threshold = ckpt.threshold_record
     cal = ckpt.meta.get("calibration")

@@ -28,7 +28,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from pipeline.errors import CxrError
 from pipeline.params import Params
-from pipeline.shard_format import ShardSummary, read_summary
+from pipeline.shard_format import ShardSummary, audit_shards, read_summary
 from train.checkpoint import TrainState, detached_state_dict, load_checkpoint, make_meta, save_checkpoint
 from train.data import derive_seed, steps_per_epoch, train_batches
 from train.fit.epoch import make_optimizer, train_one_epoch, validate
@@ -124,6 +124,9 @@ def train_model(params: Params, shard_dir: Path | str, out_dir: Path, live_dir: 
     if summary.variant != params.variant:
         raise CxrError(f"{shard_dir} holds the {summary.variant!r} variant but params variant is {params.variant!r}")
     best_epoch.check_rule(params.train.select, summary.split("val").class_counts)
+    # The summary's counts plan the steps per epoch and the class weights, and its splits are taken
+    # as disjoint: check them against what the shards hold (one read of each, no PNG decoded) first.
+    audit_shards(summary)
     rt = start_runtime()
     try:
         return _train(params, summary, Path(out_dir), Path(live_dir), rt, progress)
