@@ -23,8 +23,9 @@ def test_benchmark_serves_every_request_and_reports_against_predict(tmp_path):
                                  warmup_per_client=1)  # fmt: skip
     assert result["requests"] == 12 and result["distinct_files"] == 8
     assert result["errors"] == 0 and result["predict_failed"] == 0
+    # both rates are printed to 2 decimals: at a few images/s that rounding alone moves their ratio by ~1%
     assert result["serve_vs_predict"] == pytest.approx(
-        result["serve_images_per_s"] / result["predict_images_per_s"], abs=0.01)
+        result["serve_images_per_s"] / result["predict_images_per_s"], rel=0.03, abs=0.01)
     latency = result["latency_ms"]
     assert 0 < latency["p50"] <= latency["p95"] <= latency["p99"]
     rss = result["server_rss_mb"]
