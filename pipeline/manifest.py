@@ -18,6 +18,7 @@ import hashlib
 import json
 import os
 from collections import Counter, defaultdict
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -340,7 +341,15 @@ def _write_failed(report_path: Path, report: dict[str, Any], rejects: list[dict[
 
 
 
-def read_manifest(path: Path) -> list[ManifestEntry]:
+def iter_manifest(path: Path) -> Iterator[ManifestEntry]:
+    """The manifest's entries one line at a time: a reader that keeps one split need not hold them all."""
     if not path.is_file():
         raise CxrError(f"manifest not found: {path} (run the ingest stage first)")
-    return [ManifestEntry(**json.loads(line)) for line in path.read_text().splitlines() if line.strip()]
+    with path.open(encoding="utf-8") as fh:
+        for line in fh:
+            if line.strip():
+                yield ManifestEntry(**json.loads(line))
+
+
+def read_manifest(path: Path) -> list[ManifestEntry]:
+    return list(iter_manifest(path))
