@@ -32,7 +32,7 @@ from pipeline.fileio import atomic_write_text
 from pipeline.imageio import Header, ImageRejected
 from pipeline.labels import LabelLine, open_inside, parse_label_file
 from pipeline.params import DataParams
-from pipeline.progress import Progress
+from pipeline.progress import Progress, bounded_map
 from pipeline.rejects import check_reject_fraction
 from pipeline.shard_format import CLASS_NAMES, SPLITS
 
@@ -134,7 +134,8 @@ def _hash_split(root: Path, split: str, label_file: str, unique: list[LabelLine]
     """The lines whose image (under ROOT/<split>/) is readable and not a content duplicate within the file."""
     kept: list[_Hashed] = []
     by_hash: dict[str, LabelLine] = {}
-    results = pool.map(lambda l: hash_inside(root, f"{split}/{l.filename}"), unique)
+    # 32 files in flight keep the (at most 8) hashing threads busy without a future per image
+    results = bounded_map(pool, lambda l: hash_inside(root, f"{split}/{l.filename}"), unique, ahead=32)
     progress = Progress(len(unique), f"ingest {split}", enabled=show_progress)
     for line, hashed in zip(unique, results):
         progress.update()

@@ -171,7 +171,10 @@ def bench_latency(
 @app.command("bench-scale", rich_help_panel=BENCHMARKS)
 @fail_cleanly
 def bench_scale(
-    sizes: Annotated[str, typer.Option(help="Dataset sizes in images, comma-separated, ascending (CXR-4: 84818)")] = "200,800",
+    sizes: Annotated[
+        str, typer.Option(help="Dataset sizes in images, comma-separated, ascending; three or more also give the "
+                          "added time per added image (CXR-4: 84818)")
+    ] = "200,800,1600",
     min_side: Annotated[int, typer.Option(help="Shortest long side of a generated image, px (real downloads: 1000)")] = 512,
     max_side: Annotated[int, typer.Option(help="Longest long side of a generated image, px (real downloads: 4000)")] = 1024,
     json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of the table")] = False,

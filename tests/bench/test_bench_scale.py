@@ -17,6 +17,7 @@ from pipeline.bench.bench_scale import (
     _snapshot,
     check_aims,
     generate_dataset,
+    marginal_ratio,
     split_sizes,
     stage_summary,
     written_bytes,
@@ -86,6 +87,18 @@ def test_ratios_and_the_cxr4_line_come_from_the_two_measured_sizes():
     assert s["projected_cxr4"]["disk_written_bytes"] == pytest.approx(1000 + 10 * (CXR4_IMAGES - 100))
     # a stage measured faster at the larger size (noise) is projected level, never below what was measured
     assert stage_summary(_figures(10.0, 1, 1), _figures(9.0, 1, 1), 100, 400)["projected_cxr4"]["seconds"] == 10.0
+
+
+def test_added_time_per_added_image_sees_through_start_up_costs():
+    def sizes(cost):
+        return [{"images": n, "seconds": cost(n)} for n in (100, 400, 1600)]
+
+    linear = sizes(lambda n: 5.0 + 0.01 * n)  # 5 s of start-up: time per image falls 0.06 -> 0.013 s
+    assert linear[-1]["seconds"] / 1600 < 0.3 * linear[0]["seconds"] / 100
+    assert marginal_ratio(linear) == pytest.approx(1.0)
+    quadratic = sizes(lambda n: 5.0 + 1e-5 * n * n)  # the raw ratio (0.32) would hide it
+    assert marginal_ratio(quadratic) == pytest.approx((1600**2 - 400**2) / 1200 / ((400**2 - 100**2) / 300))
+    assert marginal_ratio(linear[:2]) is None
 
 
 def test_aims_flag_what_misses():
