@@ -33,9 +33,9 @@ WILSON_METHOD = "Wilson score 95% interval on image counts (scipy.stats.binomtes
 PREVALENCE_METHOD = "Bayes' rule from sensitivity and specificity at the named prevalence; ci95 from the same bootstrap"
 _CHUNK = 128  # resamples per vectorised chunk at most
 # ...and at most this many (resample, image) weights per chunk: several float64 arrays of that shape are
-# alive at once (weights, their reordering, the per-class products), so a chunk stays ~3 MB whatever the
-# test set; 128 full rows of a COVIDx CXR-4 test split (8,482 images) would be ~55 MB.
-_CHUNK_ELEMENTS = 1 << 16
+# alive at once (weights, their reordering, the per-class products), so a chunk stays under 1 MB whatever
+# the test set; 128 full rows of a COVIDx CXR-4 test split (8,482 images) would be ~55 MB.
+_CHUNK_ELEMENTS = 1 << 13
 
 
 def patient_codes(groups: Any, n: int) -> np.ndarray:

@@ -17,7 +17,6 @@ from pipeline.bench.bench_scale import (
     _snapshot,
     check_aims,
     generate_dataset,
-    marginal_ratio,
     split_sizes,
     stage_summary,
     written_bytes,
@@ -73,40 +72,46 @@ def test_private_bytes_counts_copies_not_links(tmp_path):
     assert private_bytes(work) == os.lstat(work / "copied").st_blocks * 512 >= 40000
 
 
-def _figures(seconds, rss, disk):
-    return {"seconds": seconds, "peak_rss_bytes": rss, "disk_written_bytes": disk}
+def _size(images, seconds, rss=100e6, disk=1):
+    return {"images": images, "seconds": seconds, "peak_rss_bytes": rss, "disk_written_bytes": disk}
 
 
-def test_ratios_and_the_cxr4_line_come_from_the_two_measured_sizes():
-    s = stage_summary(_figures(10.0, 100e6, 1000), _figures(50.0, 110e6, 4000), 100, 400)
+def test_ratios_and_the_cxr4_line_come_from_the_measured_sizes():
+    s = stage_summary([_size(100, 10.0, 100e6, 1000), _size(400, 50.0, 110e6, 4000)])
     assert s["time_per_image_ratio"] == pytest.approx((50 / 400) / (10 / 100))
     assert s["peak_rss_ratio"] == pytest.approx(1.1)
     assert s["disk_written_ratio"] == pytest.approx(4.0)
     assert s["rss_growth_bytes_per_image"] == pytest.approx(10e6 / 300)
     assert s["projected_cxr4"]["seconds"] == pytest.approx(10 + (40 / 300) * (CXR4_IMAGES - 100))
     assert s["projected_cxr4"]["disk_written_bytes"] == pytest.approx(1000 + 10 * (CXR4_IMAGES - 100))
+    assert s["time_vs_linear_ratio"] is None  # needs three sizes
     # a stage measured faster at the larger size (noise) is projected level, never below what was measured
-    assert stage_summary(_figures(10.0, 1, 1), _figures(9.0, 1, 1), 100, 400)["projected_cxr4"]["seconds"] == 10.0
+    assert stage_summary([_size(100, 10.0), _size(400, 9.0)])["projected_cxr4"]["seconds"] == 10.0
+    # growth and projection follow the two largest sizes, past a one-off step at the smallest
+    three = stage_summary([_size(100, 1.0, 90e6), _size(400, 2.0, 96e6), _size(1600, 3.0, 96.1e6)])
+    assert three["rss_growth_bytes_per_image"] == pytest.approx(0.1e6 / 1200)
+    assert three["projected_cxr4"]["peak_rss_bytes"] == pytest.approx(96e6 + 0.1e6 / 1200 * (CXR4_IMAGES - 400))
 
 
-def test_added_time_per_added_image_sees_through_start_up_costs():
+def test_the_line_through_the_two_smallest_sizes_sees_through_start_up_costs():
     def sizes(cost):
-        return [{"images": n, "seconds": cost(n)} for n in (100, 400, 1600)]
+        return [_size(n, cost(n)) for n in (100, 400, 1600)]
 
-    linear = sizes(lambda n: 5.0 + 0.01 * n)  # 5 s of start-up: time per image falls 0.06 -> 0.013 s
-    assert linear[-1]["seconds"] / 1600 < 0.3 * linear[0]["seconds"] / 100
-    assert marginal_ratio(linear) == pytest.approx(1.0)
-    quadratic = sizes(lambda n: 5.0 + 1e-5 * n * n)  # the raw ratio (0.32) would hide it
-    assert marginal_ratio(quadratic) == pytest.approx((1600**2 - 400**2) / 1200 / ((400**2 - 100**2) / 300))
-    assert marginal_ratio(linear[:2]) is None
+    linear = stage_summary(sizes(lambda n: 5.0 + 0.01 * n))  # 5 s of start-up: time per image falls 0.06 -> 0.013 s
+    assert linear["time_per_image_ratio"] < 0.3 and linear["time_vs_linear_ratio"] == pytest.approx(1.0)
+    quadratic = stage_summary(sizes(lambda n: 5.0 + 1e-5 * n * n))  # the per-image ratio (0.32) would hide it
+    predicted = 5.1 + (6.6 - 5.1) / 300 * 1500
+    assert quadratic["time_per_image_ratio"] < 1 and quadratic["time_vs_linear_ratio"] == pytest.approx(30.6 / predicted)
+    flat = stage_summary(sizes(lambda n: 6.0))  # a size-independent stage is on its line
+    assert flat["time_vs_linear_ratio"] == pytest.approx(1.0)
 
 
 def test_aims_flag_what_misses():
-    flat = stage_summary(_figures(10.0, 100e6, 1000), _figures(40.0, 100e6, 1000), 100, 400)
+    flat = stage_summary([_size(100, 10.0), _size(400, 40.0)])
     stages = {name: flat for name in STAGES}
     assert all(a["holds"] for a in check_aims(stages))
-    stages["shard_plain"] = stage_summary(_figures(10.0, 100e6, 1), _figures(80.0, 100e6, 1), 100, 400)
-    stages["ingest"] = stage_summary(_figures(10.0, 100e6, 1), _figures(40.0, 101e6, 1), 100, 400)  # 3.3 kB/image
+    stages["shard_plain"] = stage_summary([_size(100, 10.0), _size(400, 80.0)])
+    stages["ingest"] = stage_summary([_size(100, 10.0, 100e6), _size(400, 40.0, 101e6)])  # 3.3 kB/image
     missed = {a["aim"] for a in check_aims(stages) if not a["holds"]}
     assert missed == {"shard_plain: time per image ratio", "ingest: peak RSS growth, bytes per image"}
 
