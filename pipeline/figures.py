@@ -19,6 +19,7 @@ from __future__ import annotations
 import csv
 import json
 from collections import Counter
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -29,9 +30,9 @@ from skimage import exposure, util
 from pipeline.errors import CxrError
 from pipeline.fileio import save_figure
 from pipeline.imageio import DecodeLimits
-from pipeline.manifest import ManifestEntry, read_manifest
+from pipeline.manifest import ManifestEntry, iter_manifest
 from pipeline.preprocess import decode_image, to_grey_u8
-from pipeline.shard_format import CLASS_NAMES, SPLITS, read_summary, shard_images
+from pipeline.shard_format import CLASS_NAMES, SPLITS, head_images, read_summary
 
 WIDTH_IN = 16.0
 EXAMPLE_ROW_IN = 3.0  # height of one example row in Figs. 2-3
@@ -47,7 +48,7 @@ FIGURE_NAMES = {
 CURVES_NAME = "training_curves.png"
 
 
-def dimensions_figure(entries: list[ManifestEntry], out: Path, top: int = 25) -> Path:
+def dimensions_figure(entries: Iterable[ManifestEntry], out: Path, top: int = 25) -> Path:
     """Fig. 1 for the images of train.txt (train and the validation carved from it), as the study's."""
     sizes = Counter((e.width, e.height) for e in entries if e.path.startswith("train/") and e.width)
     if not sizes:
@@ -137,7 +138,7 @@ def contact_sheet(images: list[np.ndarray], labels: list[int], variant: str, out
         ax.text(x * side + 6, y * side + 18, "P" if label else "N", fontsize=7, fontweight="bold",
                 color="#ff5555" if label else "#55ccff")  # fmt: skip
     ax.set_axis_off()
-    ax.set_title(f"{variant} shards: {len(images)} training images in manifest order (N negative, P positive)")
+    ax.set_title(f"{variant} shards: the first {len(images)} training images (N negative, P positive)")
     return save_figure(fig, out)
 
 
@@ -145,23 +146,28 @@ def write_data_figures(
     manifest: Path, ingest_report: Path, shards_root: Path, out_dir: Path, per_split: int = 2, sheet: int = 36
 ) -> dict[str, Any]:
     """Fig. 1, Figs. 2-3 and the two contact sheets into `out_dir`; returns {figure: path}."""
-    entries = read_manifest(manifest)
     root = Path(json.loads(ingest_report.read_text())["root"])
     summaries = {v: read_summary(shards_root / v) for v in VARIANTS}
     top_crop = float(summaries["equalized"].preprocess["top_crop"])
-    written = {"dimensions": dimensions_figure(entries, out_dir / FIGURE_NAMES["dimensions"])}
-    # Candidates with room for rejects; shown: only images stored in both variants.
-    every = {e.key for e in entries}
-    candidates = [e for label in (0, 1) for e in pick_examples(entries, label, 3 * per_split, every)]
-    train = [e for e in entries if e.split == "train"][: 2 * sheet]
-    wanted = {e.key for e in candidates} | {e.key for e in train}
-    shards = {v: shard_images(shards_root / v, wanted) for v in VARIANTS}
+    # Examples and sheets come from the leading shards of each split (a seeded shuffle of it): picking
+    # them in manifest order would read every shard of both variants, gigabytes at COVIDx CXR-4 size.
+    shards = {v: head_images(shards_root / v, max(sheet, 3 * per_split)) for v in VARIANTS}
     usable = set(shards["plain"]) & set(shards["equalized"])
+    # One pass over the manifest: Fig. 1 counts every image's size; only the entries shown are kept.
+    shown: list[ManifestEntry] = []
+
+    def every_entry() -> Iterator[ManifestEntry]:
+        for e in iter_manifest(manifest):
+            if e.key in usable:
+                shown.append(e)
+            yield e
+
+    written = {"dimensions": dimensions_figure(every_entry(), out_dir / FIGURE_NAMES["dimensions"])}
     for label in (0, 1):
-        chosen = pick_examples(entries, label, per_split, usable)
+        chosen = pick_examples(shown, label, per_split, usable)
         name = CLASS_NAMES[label]
         written[name] = examples_figure(chosen, root, shards, label, top_crop, out_dir / FIGURE_NAMES[name])
-    train = [e for e in train if e.key in usable][:sheet]
+    train = [e for e in shown if e.split == "train"][:sheet]
     for variant in VARIANTS:
         images = [shards[variant][e.key] for e in train]
         written[variant] = contact_sheet(images, [e.label for e in train], variant, out_dir / FIGURE_NAMES[variant])

@@ -18,6 +18,7 @@ import hashlib
 import json
 import os
 from collections import Counter, defaultdict
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -31,7 +32,7 @@ from pipeline.fileio import atomic_write_text
 from pipeline.imageio import Header, ImageRejected
 from pipeline.labels import LabelLine, open_inside, parse_label_file
 from pipeline.params import DataParams
-from pipeline.progress import Progress
+from pipeline.progress import Progress, bounded_map
 from pipeline.rejects import check_reject_fraction
 from pipeline.shard_format import CLASS_NAMES, SPLITS
 
@@ -133,7 +134,8 @@ def _hash_split(root: Path, split: str, label_file: str, unique: list[LabelLine]
     """The lines whose image (under ROOT/<split>/) is readable and not a content duplicate within the file."""
     kept: list[_Hashed] = []
     by_hash: dict[str, LabelLine] = {}
-    results = pool.map(lambda l: hash_inside(root, f"{split}/{l.filename}"), unique)
+    # 32 files in flight keep the (at most 8) hashing threads busy without a future per image
+    results = bounded_map(pool, lambda l: hash_inside(root, f"{split}/{l.filename}"), unique, ahead=32)
     progress = Progress(len(unique), f"ingest {split}", enabled=show_progress)
     for line, hashed in zip(unique, results):
         progress.update()
@@ -340,7 +342,15 @@ def _write_failed(report_path: Path, report: dict[str, Any], rejects: list[dict[
 
 
 
-def read_manifest(path: Path) -> list[ManifestEntry]:
+def iter_manifest(path: Path) -> Iterator[ManifestEntry]:
+    """The manifest's entries one line at a time: a reader that keeps one split need not hold them all."""
     if not path.is_file():
         raise CxrError(f"manifest not found: {path} (run the ingest stage first)")
-    return [ManifestEntry(**json.loads(line)) for line in path.read_text().splitlines() if line.strip()]
+    with path.open(encoding="utf-8") as fh:
+        for line in fh:
+            if line.strip():
+                yield ManifestEntry(**json.loads(line))
+
+
+def read_manifest(path: Path) -> list[ManifestEntry]:
+    return list(iter_manifest(path))

@@ -1,4 +1,5 @@
-"""Progress of a long per-image loop (ingest's hashing, the shard stage), on a terminal or in a log.
+"""A long per-image loop (ingest's hashing, the shard stage): its progress, on a terminal or in a log,
+and its work fed to a pool a window at a time (`bounded_map`).
 
 On a terminal a tqdm bar (with its ETA); when stderr is a log, CI or `dvc repro`'s pipe, a bar's
 carriage returns make one unreadable line, so instead a plain line every `every` of the total:
@@ -10,7 +11,11 @@ from __future__ import annotations
 
 import sys
 import time
-from typing import Callable, TextIO
+from collections import deque
+from collections.abc import Iterable, Iterator
+from concurrent.futures import Executor
+from itertools import islice
+from typing import Any, Callable, TextIO
 
 from tqdm import tqdm
 
@@ -70,3 +75,33 @@ class Progress:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _apply_all(fn: Callable[[Any], Any], batch: list[Any]) -> list[Any]:
+    return [fn(item) for item in batch]
+
+
+def bounded_map(pool: Executor, fn: Callable[[Any], Any], items: Iterable[Any], ahead: int, chunk: int = 1) -> Iterator[Any]:
+    """fn(item) for every item, in order, run by `pool` with at most `ahead` chunks in flight.
+
+    `Executor.map` submits every item at once: a future per item (about 1.7 kB each, measured)
+    held until the loop reaches it, 150 MB at COVIDx CXR-4's 84,818 images. Here memory stays
+    that of `ahead` chunks whatever the dataset. `fn` must pickle for a process pool.
+    """
+    it = iter(items)
+
+    def submit() -> Any:
+        batch = list(islice(it, chunk))
+        return pool.submit(_apply_all, fn, batch) if batch else None
+
+    pending = deque(f for f in (submit() for _ in range(max(1, ahead))) if f is not None)
+    try:
+        while pending:
+            done = pending.popleft().result()
+            following = submit()
+            if following is not None:
+                pending.append(following)
+            yield from done
+    finally:
+        for future in pending:  # an error or an abandoned loop: queued work is not started
+            future.cancel()

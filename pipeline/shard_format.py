@@ -27,6 +27,7 @@ import re
 import struct
 import tarfile
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -289,6 +290,20 @@ class ShardSummary:
         return [total / (len(CLASS_NAMES) * c) for c in counts]
 
 
+def _shard_pngs(summary: ShardSummary, path: str, sha256: dict[str, str]) -> Iterator[tuple[str, tarfile.TarFile, Any]]:
+    source = ({"fileobj": io.BytesIO(read_shard(path, sha256[path], summary.shard_byte_limit))}
+              if is_url(path) else {"name": path})  # fmt: skip
+    with tarfile.open(**source) as tar:
+        for member in tar:
+            key, _, ext = member.name.partition(".")
+            if ext == "png":
+                yield key, tar, member
+
+
+def _decode_png(tar: tarfile.TarFile, member: Any) -> np.ndarray:
+    return cv2.imdecode(np.frombuffer(tar.extractfile(member).read(), np.uint8), cv2.IMREAD_GRAYSCALE)
+
+
 def shard_images(location: Path | str, keys: set[str]) -> dict[str, np.ndarray]:
     """The stored 224x224 images of `keys` from a variant's tars (the format of pipeline.shard_format),
     in a folder or at a URL (a shard from a URL is checked against its sha256 before it is opened)."""
@@ -298,14 +313,31 @@ def shard_images(location: Path | str, keys: set[str]) -> dict[str, np.ndarray]:
     paths = [path for split in SPLITS for path in summary.shard_paths(split)]
     for path in tqdm(paths, desc=f"read {summary.variant} shards", unit="shard", leave=False, disable=len(paths) < 8):
         if len(found) < len(keys):  # stop reading once every key is found
-            source = ({"fileobj": io.BytesIO(read_shard(path, sha256[path], summary.shard_byte_limit))}
-                      if is_url(path) else {"name": path})  # fmt: skip
-            with tarfile.open(**source) as tar:
-                for member in tar:
-                    key, _, ext = member.name.partition(".")
-                    if ext == "png" and key in keys:
-                        data = np.frombuffer(tar.extractfile(member).read(), np.uint8)
-                        found[key] = cv2.imdecode(data, cv2.IMREAD_GRAYSCALE)
+            for key, tar, member in _shard_pngs(summary, path, sha256):
+                if key in keys:
+                    found[key] = _decode_png(tar, member)
+    return found
+
+
+def head_images(location: Path | str, per_split: int) -> dict[str, np.ndarray]:
+    """The first `per_split` stored images of each split (or all a split holds), in shard order.
+
+    Reads only the leading shards of each split, so the cost does not grow with the dataset.
+    Shards are written in a seeded shuffle, so these are a random draw of each split.
+    """
+    summary = read_summary(location)
+    sha256 = summary.shard_sha256()
+    found: dict[str, np.ndarray] = {}
+    for split in SPLITS:
+        taken = 0
+        for path in summary.shard_paths(split):
+            if taken >= per_split:
+                break
+            for key, tar, member in _shard_pngs(summary, path, sha256):
+                found[key] = _decode_png(tar, member)
+                taken += 1
+                if taken >= per_split:
+                    break
     return found
 
 

@@ -27,7 +27,7 @@ from pipeline.manifest import ManifestEntry, read_manifest
 from pipeline.ownership import claim_folder, remove_owned
 from pipeline.params import DataParams, PreprocessParams, ShardParams
 from pipeline.preprocess import PreprocessConfig
-from pipeline.progress import Progress
+from pipeline.progress import Progress, bounded_map
 from pipeline.rejects import check_reject_fraction
 from pipeline.shard_worker import ShardResult, ShardTask, process_one, process_pool
 from pipeline.shard_format import (
@@ -68,7 +68,8 @@ def _results(tasks: list[ShardTask], workers: int) -> Iterator[ShardResult]:
         yield from map(process_one, tasks)
         return
     with process_pool(workers) as pool:
-        yield from pool.map(process_one, tasks, chunksize=4)
+        # chunks of 4 images per call amortise the pickling; 4 chunks in flight per worker keep them fed
+        yield from bounded_map(pool, process_one, tasks, ahead=4 * workers, chunk=4)
 
 
 def write_variant(

@@ -126,3 +126,15 @@ def test_bootstrap_auc_equals_sklearn_on_every_resample(n, patients, levels):
         expected.append(np.nan if one_class else roc_auc_score(labels[keep], probs[keep], sample_weight=w[keep]))
     np.testing.assert_allclose(got, np.asarray(expected), rtol=0, atol=1e-12)  # NaN where sklearn has none
     assert got.shape == (300,) and (n != 7 or np.isnan(got).any())
+
+
+def test_large_test_sets_are_resampled_in_smaller_chunks_with_the_same_draws(monkeypatch):
+    rng = np.random.default_rng(4)
+    codes = np.repeat(np.arange(300), 2)  # 600 images of 300 patients
+    labels = rng.integers(0, 2, 600)
+    probs = rng.random(600)
+    whole = intervals.bootstrap_auc(labels, probs, codes, 70, seed=9)
+    monkeypatch.setattr(intervals, "_CHUNK_ELEMENTS", 600 * 16)  # 16 resamples a chunk, not 128
+    shapes = [w.shape for w in intervals.resample_weights(codes, 70, seed=9)]
+    assert shapes == [(16, 600)] * 4 + [(6, 600)]
+    np.testing.assert_array_equal(intervals.bootstrap_auc(labels, probs, codes, 70, seed=9), whole)

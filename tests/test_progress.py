@@ -1,6 +1,9 @@
 import io
+from concurrent.futures import ThreadPoolExecutor
 
-from pipeline.progress import Progress, duration, progress_line
+import pytest
+
+from pipeline.progress import Progress, bounded_map, duration, progress_line
 
 
 class FakeClock:
@@ -40,3 +43,39 @@ def test_small_totals_and_disabled_progress():
 def test_durations_and_line_format():
     assert [duration(s) for s in (0, 45.4, 370, 3720)] == ["0s", "45s", "6m10s", "1h02m"]
     assert progress_line("ingest train", 0, 10, 0.0) == "ingest train: 0/10 (0%), 0 img/s"
+
+
+class _CountingPool(ThreadPoolExecutor):
+    def __init__(self) -> None:
+        super().__init__(max_workers=2)
+        self.submitted = 0
+
+    def submit(self, fn, *args):
+        self.submitted += 1
+        return super().submit(fn, *args)
+
+
+def test_bounded_map_keeps_order_and_submits_only_a_window_ahead():
+    with _CountingPool() as pool:
+        results = []
+        for i, value in enumerate(bounded_map(pool, lambda x: x * x, range(1000), ahead=3, chunk=4)):
+            results.append(value)
+            # while chunk i // 4 is consumed: the 3 ahead, and one refill per chunk taken so far
+            assert pool.submitted <= 3 + i // 4 + 1
+        assert results == [x * x for x in range(1000)] and pool.submitted == 250
+
+
+def test_bounded_map_raises_the_first_error_and_cancels_the_rest():
+    started = []
+
+    def work(x):
+        started.append(x)
+        if x == 5:
+            raise ValueError("bad item 5")
+        return x
+
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        out = bounded_map(pool, work, range(10_000), ahead=2)
+        with pytest.raises(ValueError, match="bad item 5"):
+            list(out)
+    assert max(started) < 10  # the 10,000 items were never all submitted

@@ -20,6 +20,7 @@ from pipeline.shard_format import (
     encode_sample,
     make_summary,
     read_summary,
+    head_images,
     shard_images,
     split_record,
     write_summary,
@@ -154,3 +155,15 @@ def test_the_shard_bound_comes_from_the_summary_and_is_validated(tmp_path: Path)
         path.write_text(json.dumps(raw))
         with pytest.raises(CxrError, match="params.max_bytes must be a positive count"):
             read_summary(tmp_path / "plain")
+
+
+def test_head_images_read_only_the_leading_shards_of_each_split(tmp_path):
+    # 16 train images in 4 shards of 4: the first 6 need two shards, and a missing third shard is never opened
+    shards = make_tiny_shards(tmp_path / "plain", per_class={"train": 8, "val": 2, "test": 2}, shard_count=4)
+    summary = read_summary(shards)
+    Path(summary.shard_paths("train")[2]).unlink()
+    found = head_images(shards, per_split=6)
+    train = sorted(k for k in found if k.startswith("train"))
+    assert len(train) == 6 and len(found) == 6 + 4 + 4  # val and test hold 4 each: all of them
+    assert all(img.shape == (64, 64) and img.dtype == np.uint8 for img in found.values())
+    assert train == [f"train_{i:06d}" for i in range(6)]  # shard order: the writer's order

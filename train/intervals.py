@@ -31,7 +31,11 @@ from pipeline.errors import CxrError
 BOOT_METHOD = "percentile 95% interval of a cluster bootstrap resampling patients (all images of a drawn patient)"
 WILSON_METHOD = "Wilson score 95% interval on image counts (scipy.stats.binomtest), images as independent trials"
 PREVALENCE_METHOD = "Bayes' rule from sensitivity and specificity at the named prevalence; ci95 from the same bootstrap"
-_CHUNK = 128  # resamples per vectorised chunk: bounds memory on large external sets
+_CHUNK = 128  # resamples per vectorised chunk at most
+# ...and at most this many (resample, image) weights per chunk: several float64 arrays of that shape are
+# alive at once (weights, their reordering, the per-class products), so a chunk stays under 1 MB whatever
+# the test set; 128 full rows of a COVIDx CXR-4 test split (8,482 images) would be ~55 MB.
+_CHUNK_ELEMENTS = 1 << 13
 
 
 def patient_codes(groups: Any, n: int) -> np.ndarray:
@@ -48,8 +52,10 @@ def resample_weights(codes: np.ndarray, n_boot: int, seed: int) -> Iterator[np.n
     """(chunk, n_images) float weights: how often each image's patient was drawn."""
     n_patients = int(codes.max()) + 1
     rng = np.random.default_rng(seed)
-    for start in range(0, n_boot, _CHUNK):
-        rows = min(_CHUNK, n_boot - start)
+    # The draws are the same whatever the chunking (the generator's stream is consumed row by row).
+    step = max(1, min(_CHUNK, _CHUNK_ELEMENTS // max(len(codes), n_patients)))
+    for start in range(0, n_boot, step):
+        rows = min(step, n_boot - start)
         draws = rng.integers(0, n_patients, size=(rows, n_patients))
         counts = np.zeros((rows, n_patients))
         np.add.at(counts, (np.repeat(np.arange(rows), n_patients), draws.reshape(-1)), 1.0)

@@ -56,8 +56,9 @@ def _tree_rss(pid: int) -> tuple[int, int]:
     return total, largest
 
 
-def peak_rss(cmd: list[str], interval: float = 0.02) -> dict[str, Any]:
-    """Run `cmd`; its exit code, wall time, peak single-process RSS and peak process-tree RSS (MiB).
+def poll_tree(cmd: list[str], cwd: Path | None = None, env: dict[str, str] | None = None,
+              interval: float = 0.02) -> dict[str, Any]:
+    """Run `cmd`; exit code, wall seconds, and peak RSS (bytes) of its largest process and of its tree.
 
     Sampled from /proc: VmHWM is each process's own high-water mark, so a
     short spike between samples is still caught while the process lives.
@@ -65,24 +66,37 @@ def peak_rss(cmd: list[str], interval: float = 0.02) -> dict[str, Any]:
     across exec.)
     """
     if not Path("/proc/self/status").exists():
-        raise CxrError("bench-memory reads /proc: it runs on Linux only")
+        raise CxrError("this benchmark reads /proc: it runs on Linux only")
     start = time.perf_counter()
     # stderr goes to a file, not a pipe: a chatty child would fill a pipe nobody reads while polling.
     with tempfile.TemporaryFile() as err:
-        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err)
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err, cwd=cwd, env=env)
         tree_peak = one_peak = 0
         while proc.poll() is None:
             total, largest = _tree_rss(proc.pid)
             tree_peak, one_peak = max(tree_peak, total), max(one_peak, largest)
             time.sleep(interval)
+        seconds = time.perf_counter() - start
         err.seek(0)
         stderr = err.read().decode(errors="replace")
     return {
         "exit_code": proc.returncode,
-        "seconds": round(time.perf_counter() - start, 1),
-        "peak_rss_one_process_mib": round(one_peak / 2**20, 1),
-        "peak_rss_tree_mib": round(tree_peak / 2**20, 1),
-        "error": stderr.strip().splitlines()[-1] if proc.returncode else "",
+        "seconds": seconds,
+        "peak_rss_one_process_bytes": one_peak,
+        "peak_rss_tree_bytes": tree_peak,
+        "error": stderr.strip().splitlines()[-1] if proc.returncode and stderr.strip() else "",
+    }
+
+
+def peak_rss(cmd: list[str], interval: float = 0.02) -> dict[str, Any]:
+    """Run `cmd`; its exit code, wall time, peak single-process RSS and peak process-tree RSS (MiB)."""
+    raw = poll_tree(cmd, interval=interval)
+    return {
+        "exit_code": raw["exit_code"],
+        "seconds": round(raw["seconds"], 1),
+        "peak_rss_one_process_mib": round(raw["peak_rss_one_process_bytes"] / 2**20, 1),
+        "peak_rss_tree_mib": round(raw["peak_rss_tree_bytes"] / 2**20, 1),
+        "error": raw["error"],
     }
 
 

@@ -5,11 +5,13 @@ Command `bench-X` lives in `pipeline/bench/bench_X.py` (data side) or `train/ben
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
+from pipeline.errors import CxrError
 from pipeline.commands.common import (
     BENCHMARKS,
     DEFAULT_PARAMS,
@@ -164,3 +166,79 @@ def bench_latency(
 
     p = read_params(params)
     echo_json(batch1_benchmark(parse_paths(arch), parse_counts(threads), p.preprocess.size, p.latency, rounds))
+
+
+@app.command("bench-scale", rich_help_panel=BENCHMARKS)
+@fail_cleanly
+def bench_scale(
+    sizes: Annotated[
+        str, typer.Option(help="Dataset sizes in images, comma-separated, ascending; three or more also give the "
+                          "added time per added image (CXR-4: 84818)")
+    ] = "200,800,1600",
+    min_side: Annotated[int, typer.Option(help="Shortest long side of a generated image, px (real downloads: 1000)")] = 512,
+    max_side: Annotated[int, typer.Option(help="Longest long side of a generated image, px (real downloads: 4000)")] = 1024,
+    json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of the table")] = False,
+    dvc_config: Annotated[Path, typer.Option(help="The DVC config whose cache link type the queued experiment uses")] = Path(
+        ".dvc/config"
+    ),
+    params: ParamsOpt = DEFAULT_PARAMS,
+) -> None:
+    """Benchmark how every stage grows with the dataset: synthetic COVIDx datasets of growing SIZES.
+
+    At each size, in a temporary git + DVC repository: ingest, shard (both variants), one loader pass
+    over train, evaluation's metrics with the patient bootstrap (fake scores, test split = a tenth),
+    figures, `dvc status` and a queued experiment's setup up to its first batch (cache.type copy, then
+    DVC_CONFIG's).
+
+    Reads: params (every stage's, data.root aside), DVC_CONFIG. Writes nothing outside temporary folders;
+    prints per stage time per image, peak RSS of its process tree, disk written, the ratio
+    largest/smallest size, the projection to COVIDx CXR-4 (84,818 images) and which aims hold.
+    """
+    from pipeline.bench.bench_scale import run_scale_benchmark, table
+
+    try:
+        counts = [int(x) for x in sizes.split(",")]
+    except ValueError:
+        raise CxrError(f"--sizes: comma-separated integers expected, got {sizes!r}") from None
+    result = run_scale_benchmark(read_params(params), counts, dvc_config, min_side=min_side, max_side=max_side,
+                                 workers=os.cpu_count() or 1)  # fmt: skip
+    if json_out:
+        echo_json(result)
+    else:
+        typer.echo(table(result))
+
+
+@app.command("bench-scale-stage", hidden=True, rich_help_panel=BENCHMARKS)
+@fail_cleanly
+def bench_scale_stage(
+    stage: Annotated[str, typer.Argument(help="loader | metrics | first-step")],
+    shards: Annotated[Path, typer.Option(help="Shard variant directory")] = Path("shards/equalized"),
+    manifest: Annotated[Path, typer.Option(help="Manifest (metrics: its test split)")] = Path("data/manifest.jsonl"),
+    report: Annotated[Optional[Path], typer.Option(help="Also write the result here (JSON)")] = None,
+    params: ParamsOpt = DEFAULT_PARAMS,
+) -> None:
+    """One model-side stage of bench-scale in its own process (its peak RSS measured from outside).
+
+    Reads: SHARDS (loader, first-step) or MANIFEST's test split (metrics), params. Writes REPORT if given;
+    prints what the stage did (first-step: also the disk its workspace holds unshared).
+    """
+    import json
+
+    from train.bench import bench_scale as stages
+
+    p = read_params(params)
+    if stage == "loader":
+        result = stages.loader_pass(shards, p.train, p.seed)
+    elif stage == "metrics":
+        from pipeline.manifest import iter_manifest
+
+        test = [e for e in iter_manifest(manifest) if e.split == "test"]
+        result = stages.metrics_pass([e.label for e in test], [e.patient_id for e in test], [e.source for e in test],
+                                     p.evaluate, p.seed)  # fmt: skip
+    elif stage == "first-step":
+        result = stages.first_step(shards, p.train, p.seed, Path.cwd())
+    else:
+        raise CxrError(f"bench-scale-stage: unknown stage {stage!r}; valid: loader, metrics, first-step")
+    if report is not None:
+        report.write_text(json.dumps(result))
+    echo_json(result)
