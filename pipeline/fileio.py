@@ -18,6 +18,7 @@ import io
 import json
 import os
 import re
+import stat
 import tempfile
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
@@ -48,6 +49,25 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+def check_output_path(path: Path | str) -> None:
+    """Refuse an output path that exists as a link or as anything but a regular file.
+
+    lstat, never stat: a link planted under the name of the coming output (`--out` pointing at
+    ~/.bashrc, a heatmap's name in a shared folder) must be refused, not written through or replaced.
+    """
+    try:
+        info = os.lstat(path)
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise CxrError(_describe(exc, Path(path))) from None
+    if stat.S_ISLNK(info.st_mode):
+        raise CxrError(f"refusing to write {path}: it is a symbolic link, and outputs are never written through "
+                       "links; remove it or choose another path")  # fmt: skip
+    if not stat.S_ISREG(info.st_mode):
+        raise CxrError(f"refusing to write {path}: it exists and is not a regular file")
+
+
 @contextlib.contextmanager
 def atomic_output(path: Path | str) -> Iterator[IO[bytes]]:
     """Yield a binary file that becomes `path` only if the block completes.
@@ -58,8 +78,10 @@ def atomic_output(path: Path | str) -> Iterator[IO[bytes]]:
     """
     path = Path(path)
     folder = path.parent
+    check_output_path(path)
     try:
         folder.mkdir(parents=True, exist_ok=True)
+        # mkstemp opens O_CREAT | O_EXCL | O_NOFOLLOW: a link planted under the temp name is refused too
         fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMP_SUFFIX, dir=folder)
     except OSError as exc:
         raise CxrError(_describe(exc, path)) from exc
@@ -69,6 +91,7 @@ def atomic_output(path: Path | str) -> Iterator[IO[bytes]]:
             yield stream
             stream.flush()
             os.fsync(stream.fileno())
+        check_output_path(path)  # again: a link may have been planted while the block ran
         os.replace(tmp, path)
         _fsync_dir(folder)
     except OSError as exc:
@@ -155,10 +178,14 @@ def output_lock(folder: Path | str) -> Iterator[Path]:
     folder = Path(folder)
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        fd = os.open(folder / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = os.open(folder / LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK, 0o644)
     except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise CxrError(f"refusing to use {folder / LOCK_NAME}: it is a symbolic link; remove it") from None
         raise CxrError(_describe(exc, folder / LOCK_NAME)) from exc
     try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise CxrError(f"refusing to use {folder / LOCK_NAME}: it is not a regular file; remove it")
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError as exc:

@@ -144,3 +144,43 @@ def test_cells_a_spreadsheet_would_run_are_escaped_and_numbers_stay_numbers(tmp_
     assert first[len(hostile):] == plain and second == ["-0.5", "3", ""]
     assert [spreadsheet_value(c) for c in first] == hostile + plain
     assert spreadsheet_safe(7) == 7 and spreadsheet_value(None) is None
+
+
+@pytest.mark.parametrize("dangling", [False, True])
+def test_a_link_planted_under_the_output_name_is_refused_not_followed_or_replaced(tmp_path, dangling):
+    victim = tmp_path / "victim.txt"
+    if not dangling:
+        victim.write_text("keep me")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "report.json").symlink_to(victim)
+    with pytest.raises(CxrError, match="symbolic link"):
+        fileio.atomic_write_json(out / "report.json", {"a": 1})
+    assert (out / "report.json").is_symlink()  # the link is not silently replaced either
+    assert victim.read_text() == "keep me" if not dangling else not victim.exists()
+    assert _leftovers(out) == []
+
+
+def test_a_link_planted_while_the_block_runs_is_refused_before_the_rename(tmp_path):
+    victim = tmp_path / "victim.txt"
+    with pytest.raises(CxrError, match="symbolic link"):
+        with fileio.atomic_output(tmp_path / "out.bin") as stream:
+            stream.write(b"data")
+            (tmp_path / "out.bin").symlink_to(victim)
+    assert not victim.exists() and _leftovers(tmp_path) == []
+
+
+def test_a_fifo_under_the_output_name_is_refused(tmp_path):
+    os.mkfifo(tmp_path / "out.json")
+    with pytest.raises(CxrError, match="not a regular file"):
+        fileio.atomic_write_json(tmp_path / "out.json", {})
+
+
+def test_a_lock_file_planted_as_a_link_is_refused_and_its_target_never_created(tmp_path):
+    folder = tmp_path / "models"
+    folder.mkdir()
+    (folder / fileio.LOCK_NAME).symlink_to(tmp_path / "elsewhere")
+    with pytest.raises(CxrError, match="symbolic link"):
+        with fileio.output_lock(folder):
+            pass
+    assert not (tmp_path / "elsewhere").exists()

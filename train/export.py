@@ -38,7 +38,7 @@ import torch
 from tqdm import tqdm
 
 from pipeline.errors import CxrError
-from pipeline.fileio import atomic_output
+from pipeline.fileio import atomic_output, check_output_path
 from pipeline.shard_format import read_summary
 from train.checkpoint import Checkpoint, load_checkpoint, validate_meta
 from train.models import model_input
@@ -107,6 +107,7 @@ def export_onnx(
 
 def _check_replaceable(out_path: Path) -> None:
     """Refuse to overwrite a file that is not an ONNX model this command wrote (own only what you write)."""
+    check_output_path(out_path)  # before reading it: a link or a FIFO under the name is refused, not opened
     if not out_path.exists():
         return
     try:

@@ -334,3 +334,24 @@ def test_file_names_a_spreadsheet_would_run_are_escaped_in_the_csv(tmp_path, inp
     rows = read_rows(Path("p.csv"))
     assert set(rows) == {"'=1+2.png", "'@evil.png"}
     assert rows["'=1+2.png"]["decision"] in ("positive", "negative") and rows["'@evil.png"]["error"]
+
+
+def test_out_as_a_dangling_link_is_refused_and_its_target_never_created(tmp_path, inputs, checkpoint):
+    out = tmp_path / "pred.csv"
+    out.symlink_to(tmp_path / "elsewhere.csv")
+    result = run(str(inputs / "a.png"), "--model", str(checkpoint), "--out", str(out))
+    assert result.exit_code == 1 and "symbolic link" in result.output and len(result.output.splitlines()) == 1
+    assert not (tmp_path / "elsewhere.csv").exists() and out.is_symlink()
+
+
+def test_a_link_planted_under_a_coming_heatmaps_name_is_refused_not_followed(tmp_path, inputs, checkpoint):
+    victim = tmp_path / "victim.png"
+    victim.write_bytes(b"precious")
+    maps = tmp_path / "maps"
+    maps.mkdir()
+    (maps / heatmap_name(inputs / "a.png")).symlink_to(victim)
+    result = run(str(inputs / "a.png"), "--model", str(checkpoint), "--out", str(tmp_path / "p.csv"),
+                 "--heatmaps", str(maps))  # fmt: skip
+    assert result.exit_code == 1 and "symbolic link" in result.output and len(result.output.splitlines()) == 1
+    assert victim.read_bytes() == b"precious"
+    assert (maps / heatmap_name(inputs / "a.png")).is_symlink()
