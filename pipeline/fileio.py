@@ -18,6 +18,7 @@ import io
 import json
 import os
 import re
+import shutil
 import stat
 import tempfile
 from collections.abc import Iterable, Iterator, Sequence
@@ -168,12 +169,35 @@ def sha256_file(path: Path | str) -> str:
     return digest.hexdigest()
 
 
+def temp_name_pattern(name: str) -> re.Pattern[str]:
+    """The names `atomic_output` (and export's work folder) give their temps for an output called
+    `name`: `.NAME.` + mkstemp's 8 random characters + `.tmp`. Nothing else in a folder matches."""
+    return re.compile(rf"\.{re.escape(name)}\.[a-z0-9_]{{8}}{re.escape(TEMP_SUFFIX)}")
+
+
+def _remove_stale_temps(folder: Path, names: Iterable[str]) -> None:
+    patterns = [temp_name_pattern(name) for name in names]
+    for entry in os.scandir(folder):
+        if not any(p.fullmatch(entry.name) for p in patterns):
+            continue
+        try:
+            if entry.is_dir(follow_symlinks=False):
+                shutil.rmtree(entry.path)  # export's work folder; rmtree never follows links inside it
+            else:
+                os.unlink(entry.path)
+        except OSError as exc:
+            raise CxrError(f"cannot remove the stale temp {entry.path}: {exc.strerror or exc}") from None
+
+
 @contextlib.contextmanager
-def output_lock(folder: Path | str) -> Iterator[Path]:
+def output_lock(folder: Path | str, stale_temps_of: Iterable[str] = ()) -> Iterator[Path]:
     """Hold an exclusive lock on an output folder for the duration of a run.
 
     flock (not a pid file) because the kernel drops it when the process dies, so a killed run
-    never leaves a stale lock that blocks the rerun.
+    never leaves a stale lock that blocks the rerun. Once the lock is held, every writer of the
+    folder is known to be gone, so the temps a killed run left for the outputs named in
+    `stale_temps_of` (a 100 MB checkpoint or ONNX half-written at kill -9) are removed; only
+    names of `temp_name_pattern`, never another file.
     """
     folder = Path(folder)
     try:
@@ -190,6 +214,7 @@ def output_lock(folder: Path | str) -> Iterator[Path]:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError as exc:
             raise CxrError(f"another run is writing {folder}; wait for it to finish") from exc
+        _remove_stale_temps(folder, stale_temps_of)
         yield folder
     finally:
         os.close(fd)

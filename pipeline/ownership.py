@@ -42,7 +42,7 @@ def _matches(name: str, patterns: Iterable[re.Pattern[str]]) -> bool:
 def claim_folder(folder: Path | str, owner: str, patterns: Iterable[re.Pattern[str]]) -> Path:
     """Make sure `folder` is `owner`'s to write (creating it and its marker), else raise CxrError."""
     folder = Path(folder)
-    patterns = _with_temps(patterns) + (LOCK, re.compile(re.escape(MARKER)))
+    patterns = _with_temps([*patterns, re.compile(re.escape(MARKER))]) + (LOCK,)  # the marker is written atomically too
     if folder.exists() and not folder.is_dir():
         raise CxrError(f"{owner}: {folder} exists and is not a folder")
     marker = folder / MARKER

@@ -184,3 +184,43 @@ def test_a_lock_file_planted_as_a_link_is_refused_and_its_target_never_created(t
         with fileio.output_lock(folder):
             pass
     assert not (tmp_path / "elsewhere").exists()
+
+
+def test_the_lock_holder_removes_only_the_stale_temps_of_its_named_outputs(tmp_path):
+    folder = tmp_path / "models"
+    (folder / ".model.onnx.x1y2z3w4.tmp").mkdir(parents=True)  # export's work folder, killed mid-trace
+    (folder / ".model.onnx.x1y2z3w4.tmp" / "graph.onnx").write_bytes(b"\0" * 1024)
+    stale = [".last.pt.abcd_123.tmp", ".best.pt.0a1b2c3d.tmp"]
+    kept = [".last.pt.notes.tmp", "keep.tmp", ".other.pt.abcdefgh.tmp", "last.pt", ".last.pt.abcdefgh.tmp.bak"]
+    for name in stale + kept:
+        (folder / name).write_bytes(b"x")
+    (folder / ".best.pt.zzzzzzzz.tmp").symlink_to(tmp_path / "victim")  # a link is removed, never followed
+    (tmp_path / "victim").write_bytes(b"keep")
+    with fileio.output_lock(folder, stale_temps_of=("last.pt", "best.pt", "model.onnx")):
+        assert sorted(p.name for p in folder.iterdir()) == sorted([*kept, fileio.LOCK_NAME])
+    assert (tmp_path / "victim").read_bytes() == b"keep"
+
+
+def test_a_kill_9_mid_write_leaves_a_temp_only_the_next_lock_holder_removes(tmp_path):
+    folder = tmp_path / "models"
+    code = (
+        "import time; from pipeline.fileio import atomic_output, output_lock\n"
+        f"with output_lock({str(folder)!r}), atomic_output({str(folder / 'last.pt')!r}) as out:\n"
+        "    out.write(b'x' * 100000); out.flush(); print('writing', flush=True); time.sleep(60)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, env=env, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "writing"
+        with pytest.raises(CxrError, match="another run is writing"):  # a live writer's temp is never touched
+            with fileio.output_lock(folder, stale_temps_of=("last.pt",)):
+                pass
+        assert len(_leftovers(folder)) == 1
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=10)
+        assert len(_leftovers(folder)) == 1 and not (folder / "last.pt").exists()  # what kill -9 leaves
+        with fileio.output_lock(folder, stale_temps_of=("last.pt",)):
+            assert _leftovers(folder) == []
+    finally:
+        proc.kill()
+        proc.wait()

@@ -38,7 +38,7 @@ import torch
 from tqdm import tqdm
 
 from pipeline.errors import CxrError
-from pipeline.fileio import atomic_output, check_output_path
+from pipeline.fileio import TEMP_SUFFIX, atomic_output, check_output_path, output_lock
 from pipeline.shard_format import read_summary
 from train.checkpoint import Checkpoint, load_checkpoint, validate_meta
 from train.models import model_input
@@ -80,7 +80,9 @@ def export_onnx(
     _check_replaceable(out_path)
     # A step bar: tracing a large network takes tens of seconds on a CPU, and so does the check.
     bar = tqdm(total=3, desc=f"export {ckpt.model_name}", unit="step", disable=not show_progress, leave=False)
-    with bar, tempfile.TemporaryDirectory(prefix="cxr-export-") as workdir:
+    # One writer per output folder, as `shard`; the work folder is a temp of the output's own (there, under
+    # its pattern), so the next export holding the lock removes what a kill -9 left (28-110 MB graphs).
+    with output_lock(out_path.parent, stale_temps_of=(out_path.name,)), bar, _work_folder(out_path) as workdir:
         tmp = Path(workdir) / "graph.onnx"
         bar.set_postfix_str("tracing to ONNX")
         start = time.perf_counter()
@@ -103,6 +105,10 @@ def export_onnx(
         bar.update()
     log.info("exported %s with %s in %.1f s to %s: %s", ckpt.model_name, exporter, seconds, out_path, verification)
     return out_path
+
+
+def _work_folder(out_path: Path) -> tempfile.TemporaryDirectory:
+    return tempfile.TemporaryDirectory(prefix=f".{out_path.name}.", suffix=TEMP_SUFFIX, dir=out_path.parent)
 
 
 def _check_replaceable(out_path: Path) -> None:
