@@ -18,6 +18,8 @@ import io
 import json
 import os
 import re
+import shutil
+import stat
 import tempfile
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
@@ -48,6 +50,25 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+def check_output_path(path: Path | str) -> None:
+    """Refuse an output path that exists as a link or as anything but a regular file.
+
+    lstat, never stat: a link planted under the name of the coming output (`--out` pointing at
+    ~/.bashrc, a heatmap's name in a shared folder) must be refused, not written through or replaced.
+    """
+    try:
+        info = os.lstat(path)
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise CxrError(_describe(exc, Path(path))) from None
+    if stat.S_ISLNK(info.st_mode):
+        raise CxrError(f"refusing to write {path}: it is a symbolic link, and outputs are never written through "
+                       "links; remove it or choose another path")  # fmt: skip
+    if not stat.S_ISREG(info.st_mode):
+        raise CxrError(f"refusing to write {path}: it exists and is not a regular file")
+
+
 @contextlib.contextmanager
 def atomic_output(path: Path | str) -> Iterator[IO[bytes]]:
     """Yield a binary file that becomes `path` only if the block completes.
@@ -58,8 +79,10 @@ def atomic_output(path: Path | str) -> Iterator[IO[bytes]]:
     """
     path = Path(path)
     folder = path.parent
+    check_output_path(path)
     try:
         folder.mkdir(parents=True, exist_ok=True)
+        # mkstemp opens O_CREAT | O_EXCL | O_NOFOLLOW: a link planted under the temp name is refused too
         fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMP_SUFFIX, dir=folder)
     except OSError as exc:
         raise CxrError(_describe(exc, path)) from exc
@@ -69,6 +92,7 @@ def atomic_output(path: Path | str) -> Iterator[IO[bytes]]:
             yield stream
             stream.flush()
             os.fsync(stream.fileno())
+        check_output_path(path)  # again: a link may have been planted while the block ran
         os.replace(tmp, path)
         _fsync_dir(folder)
     except OSError as exc:
@@ -145,24 +169,52 @@ def sha256_file(path: Path | str) -> str:
     return digest.hexdigest()
 
 
+def temp_name_pattern(name: str) -> re.Pattern[str]:
+    """The names `atomic_output` (and export's work folder) give their temps for an output called
+    `name`: `.NAME.` + mkstemp's 8 random characters + `.tmp`. Nothing else in a folder matches."""
+    return re.compile(rf"\.{re.escape(name)}\.[a-z0-9_]{{8}}{re.escape(TEMP_SUFFIX)}")
+
+
+def _remove_stale_temps(folder: Path, names: Iterable[str]) -> None:
+    patterns = [temp_name_pattern(name) for name in names]
+    for entry in os.scandir(folder):
+        if not any(p.fullmatch(entry.name) for p in patterns):
+            continue
+        try:
+            if entry.is_dir(follow_symlinks=False):
+                shutil.rmtree(entry.path)  # export's work folder; rmtree never follows links inside it
+            else:
+                os.unlink(entry.path)
+        except OSError as exc:
+            raise CxrError(f"cannot remove the stale temp {entry.path}: {exc.strerror or exc}") from None
+
+
 @contextlib.contextmanager
-def output_lock(folder: Path | str) -> Iterator[Path]:
+def output_lock(folder: Path | str, stale_temps_of: Iterable[str] = ()) -> Iterator[Path]:
     """Hold an exclusive lock on an output folder for the duration of a run.
 
     flock (not a pid file) because the kernel drops it when the process dies, so a killed run
-    never leaves a stale lock that blocks the rerun.
+    never leaves a stale lock that blocks the rerun. Once the lock is held, every writer of the
+    folder is known to be gone, so the temps a killed run left for the outputs named in
+    `stale_temps_of` (a 100 MB checkpoint or ONNX half-written at kill -9) are removed; only
+    names of `temp_name_pattern`, never another file.
     """
     folder = Path(folder)
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        fd = os.open(folder / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = os.open(folder / LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK, 0o644)
     except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise CxrError(f"refusing to use {folder / LOCK_NAME}: it is a symbolic link; remove it") from None
         raise CxrError(_describe(exc, folder / LOCK_NAME)) from exc
     try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise CxrError(f"refusing to use {folder / LOCK_NAME}: it is not a regular file; remove it")
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError as exc:
             raise CxrError(f"another run is writing {folder}; wait for it to finish") from exc
+        _remove_stale_temps(folder, stale_temps_of)
         yield folder
     finally:
         os.close(fd)

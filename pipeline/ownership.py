@@ -17,6 +17,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from pipeline.errors import CxrError
+from pipeline.fileio import atomic_write_text, check_output_path
 
 MARKER = ".cxr-owner.json"
 LOCK = re.compile(r"\.cxr\.lock")  # pipeline.fileio.output_lock's file
@@ -41,10 +42,11 @@ def _matches(name: str, patterns: Iterable[re.Pattern[str]]) -> bool:
 def claim_folder(folder: Path | str, owner: str, patterns: Iterable[re.Pattern[str]]) -> Path:
     """Make sure `folder` is `owner`'s to write (creating it and its marker), else raise CxrError."""
     folder = Path(folder)
-    patterns = _with_temps(patterns) + (LOCK, re.compile(re.escape(MARKER)))
+    patterns = _with_temps([*patterns, re.compile(re.escape(MARKER))]) + (LOCK,)  # the marker is written atomically too
     if folder.exists() and not folder.is_dir():
         raise CxrError(f"{owner}: {folder} exists and is not a folder")
     marker = folder / MARKER
+    check_output_path(marker)  # a planted link would name any owner, or be written through
     if marker.is_file():
         try:
             found = json.loads(marker.read_text(encoding="utf-8")).get("owner")
@@ -62,12 +64,8 @@ def claim_folder(folder: Path | str, owner: str, patterns: Iterable[re.Pattern[s
     if foreign:
         raise CxrError(f"{owner}: refusing to write into {folder}: it is not empty and holds files this command "
                        f"did not make (e.g. {foreign[0]!r}); choose an empty or new folder")  # fmt: skip
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        # Fixed content: the marker is part of DVC-tracked outputs, so it must not vary between runs.
-        marker.write_text(json.dumps({"owner": owner}) + "\n", encoding="utf-8")
-    except OSError as exc:
-        raise CxrError(f"{owner}: cannot write {marker}: {exc.strerror or exc}") from None
+    # Fixed content: the marker is part of DVC-tracked outputs, so it must not vary between runs.
+    atomic_write_text(marker, json.dumps({"owner": owner}) + "\n")
     return folder
 
 

@@ -244,3 +244,32 @@ def crafted_onnx(path: Path, meta: dict, *, fill: float = 0.0, input_name: str =
     entry.key, entry.value = export_mod.META_KEY, json.dumps(full)
     path.write_bytes(proto.SerializeToString())
     return path
+
+
+def test_export_holds_its_folder_and_removes_the_temps_a_killed_export_left(tmp_path, monkeypatch):
+    import re
+
+    from pipeline.fileio import output_lock
+
+    ckpt = make_checkpoint(tmp_path / "r.pt", "resnet50")
+    out = tmp_path / "out"
+    (out / ".model.onnx.k9abcdef.tmp").mkdir(parents=True)  # the work folder of an export killed mid-trace
+    (out / ".model.onnx.k9abcdef.tmp" / "graph.onnx").write_bytes(b"\0" * 4096)
+    (out / ".model.onnx.k9zzzzzz.tmp").write_bytes(b"half a model")  # killed mid-write
+    (out / "notes.tmp").write_text("a user's file")
+    with output_lock(out):  # stands in for an export (or a training) still writing this folder
+        with pytest.raises(CxrError, match="another run is writing"):
+            export_onnx(ckpt, out / "model.onnx")
+    assert len(list(out.iterdir())) == 4  # nothing removed while another run held the folder
+    seen = []
+
+    def stop_at_trace(model, size, path):
+        seen.append(sorted(p.name for p in out.iterdir()))
+        raise CxrError("stopped at the trace")
+
+    monkeypatch.setattr(export_mod, "export_graph", stop_at_trace)
+    with pytest.raises(CxrError, match="stopped at the trace"):
+        export_onnx(ckpt, out / "model.onnx")
+    (lock, work, notes), = seen
+    assert (lock, notes) == (".cxr.lock", "notes.tmp") and re.fullmatch(r"\.model\.onnx\.[a-z0-9_]{8}\.tmp", work)
+    assert sorted(p.name for p in out.iterdir()) == [".cxr.lock", "notes.tmp"]  # its own work folder went too

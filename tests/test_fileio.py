@@ -144,3 +144,83 @@ def test_cells_a_spreadsheet_would_run_are_escaped_and_numbers_stay_numbers(tmp_
     assert first[len(hostile):] == plain and second == ["-0.5", "3", ""]
     assert [spreadsheet_value(c) for c in first] == hostile + plain
     assert spreadsheet_safe(7) == 7 and spreadsheet_value(None) is None
+
+
+@pytest.mark.parametrize("dangling", [False, True])
+def test_a_link_planted_under_the_output_name_is_refused_not_followed_or_replaced(tmp_path, dangling):
+    victim = tmp_path / "victim.txt"
+    if not dangling:
+        victim.write_text("keep me")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "report.json").symlink_to(victim)
+    with pytest.raises(CxrError, match="symbolic link"):
+        fileio.atomic_write_json(out / "report.json", {"a": 1})
+    assert (out / "report.json").is_symlink()  # the link is not silently replaced either
+    assert victim.read_text() == "keep me" if not dangling else not victim.exists()
+    assert _leftovers(out) == []
+
+
+def test_a_link_planted_while_the_block_runs_is_refused_before_the_rename(tmp_path):
+    victim = tmp_path / "victim.txt"
+    with pytest.raises(CxrError, match="symbolic link"):
+        with fileio.atomic_output(tmp_path / "out.bin") as stream:
+            stream.write(b"data")
+            (tmp_path / "out.bin").symlink_to(victim)
+    assert not victim.exists() and _leftovers(tmp_path) == []
+
+
+def test_a_fifo_under_the_output_name_is_refused(tmp_path):
+    os.mkfifo(tmp_path / "out.json")
+    with pytest.raises(CxrError, match="not a regular file"):
+        fileio.atomic_write_json(tmp_path / "out.json", {})
+
+
+def test_a_lock_file_planted_as_a_link_is_refused_and_its_target_never_created(tmp_path):
+    folder = tmp_path / "models"
+    folder.mkdir()
+    (folder / fileio.LOCK_NAME).symlink_to(tmp_path / "elsewhere")
+    with pytest.raises(CxrError, match="symbolic link"):
+        with fileio.output_lock(folder):
+            pass
+    assert not (tmp_path / "elsewhere").exists()
+
+
+def test_the_lock_holder_removes_only_the_stale_temps_of_its_named_outputs(tmp_path):
+    folder = tmp_path / "models"
+    (folder / ".model.onnx.x1y2z3w4.tmp").mkdir(parents=True)  # export's work folder, killed mid-trace
+    (folder / ".model.onnx.x1y2z3w4.tmp" / "graph.onnx").write_bytes(b"\0" * 1024)
+    stale = [".last.pt.abcd_123.tmp", ".best.pt.0a1b2c3d.tmp"]
+    kept = [".last.pt.notes.tmp", "keep.tmp", ".other.pt.abcdefgh.tmp", "last.pt", ".last.pt.abcdefgh.tmp.bak"]
+    for name in stale + kept:
+        (folder / name).write_bytes(b"x")
+    (folder / ".best.pt.zzzzzzzz.tmp").symlink_to(tmp_path / "victim")  # a link is removed, never followed
+    (tmp_path / "victim").write_bytes(b"keep")
+    with fileio.output_lock(folder, stale_temps_of=("last.pt", "best.pt", "model.onnx")):
+        assert sorted(p.name for p in folder.iterdir()) == sorted([*kept, fileio.LOCK_NAME])
+    assert (tmp_path / "victim").read_bytes() == b"keep"
+
+
+def test_a_kill_9_mid_write_leaves_a_temp_only_the_next_lock_holder_removes(tmp_path):
+    folder = tmp_path / "models"
+    code = (
+        "import time; from pipeline.fileio import atomic_output, output_lock\n"
+        f"with output_lock({str(folder)!r}), atomic_output({str(folder / 'last.pt')!r}) as out:\n"
+        "    out.write(b'x' * 100000); out.flush(); print('writing', flush=True); time.sleep(60)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, env=env, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "writing"
+        with pytest.raises(CxrError, match="another run is writing"):  # a live writer's temp is never touched
+            with fileio.output_lock(folder, stale_temps_of=("last.pt",)):
+                pass
+        assert len(_leftovers(folder)) == 1
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=10)
+        assert len(_leftovers(folder)) == 1 and not (folder / "last.pt").exists()  # what kill -9 leaves
+        with fileio.output_lock(folder, stale_temps_of=("last.pt",)):
+            assert _leftovers(folder) == []
+    finally:
+        proc.kill()
+        proc.wait()

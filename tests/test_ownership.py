@@ -48,3 +48,12 @@ def test_another_commands_folder_is_refused(tmp_path):
     (tmp_path / "file").write_text("x")
     with pytest.raises(CxrError, match="not a folder"):
         claim_folder(tmp_path / "file", "shard", OWN)
+
+
+def test_a_marker_planted_as_a_link_is_refused_and_its_target_never_written(tmp_path):
+    folder = tmp_path / "out"
+    folder.mkdir()
+    (folder / MARKER).symlink_to(tmp_path / "elsewhere.json")
+    with pytest.raises(CxrError, match="symbolic link"):
+        claim_folder(folder, "shard", OWN)
+    assert not (tmp_path / "elsewhere.json").exists()

@@ -38,7 +38,7 @@ import torch
 from tqdm import tqdm
 
 from pipeline.errors import CxrError
-from pipeline.fileio import atomic_output
+from pipeline.fileio import TEMP_SUFFIX, atomic_output, check_output_path, output_lock
 from pipeline.shard_format import read_summary
 from train.checkpoint import Checkpoint, load_checkpoint, validate_meta
 from train.models import model_input
@@ -80,7 +80,9 @@ def export_onnx(
     _check_replaceable(out_path)
     # A step bar: tracing a large network takes tens of seconds on a CPU, and so does the check.
     bar = tqdm(total=3, desc=f"export {ckpt.model_name}", unit="step", disable=not show_progress, leave=False)
-    with bar, tempfile.TemporaryDirectory(prefix="cxr-export-") as workdir:
+    # One writer per output folder, as `shard`; the work folder is a temp of the output's own (there, under
+    # its pattern), so the next export holding the lock removes what a kill -9 left (28-110 MB graphs).
+    with output_lock(out_path.parent, stale_temps_of=(out_path.name,)), bar, _work_folder(out_path) as workdir:
         tmp = Path(workdir) / "graph.onnx"
         bar.set_postfix_str("tracing to ONNX")
         start = time.perf_counter()
@@ -105,8 +107,13 @@ def export_onnx(
     return out_path
 
 
+def _work_folder(out_path: Path) -> tempfile.TemporaryDirectory:
+    return tempfile.TemporaryDirectory(prefix=f".{out_path.name}.", suffix=TEMP_SUFFIX, dir=out_path.parent)
+
+
 def _check_replaceable(out_path: Path) -> None:
     """Refuse to overwrite a file that is not an ONNX model this command wrote (own only what you write)."""
+    check_output_path(out_path)  # before reading it: a link or a FIFO under the name is refused, not opened
     if not out_path.exists():
         return
     try:

@@ -28,6 +28,7 @@ from pytorch_grad_cam.utils.model_targets import BinaryClassifierOutputTarget
 from torch import nn
 
 from pipeline.errors import CxrError
+from pipeline.fileio import atomic_output
 
 POSITIVE_CLASS = 1
 OVERLAY_IMAGE_WEIGHT = 0.5  # share of the radiograph in the overlay; the rest is the colour-mapped heatmap
@@ -64,5 +65,5 @@ def overlay(image: np.ndarray, heatmap: np.ndarray) -> np.ndarray:
 
 
 def write_overlay(path: Path, image: np.ndarray, heatmap: np.ndarray) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(overlay(image, heatmap)).save(path, format="PNG")
+    with atomic_output(path) as stream:  # never through a link planted under the heatmap's name
+        Image.fromarray(overlay(image, heatmap)).save(stream, format="PNG")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from pathlib import Path
 from typing import Annotated, Optional
@@ -21,6 +22,8 @@ from pipeline.commands.common import (
     read_params,
 )
 from pipeline.errors import CxrError
+from pipeline.fileio import output_lock
+from pipeline.ownership import claim_folder
 
 app = panel()
 
@@ -190,12 +193,11 @@ def evaluate(
     evaluate.prevalence, and under `inference` the engine that ran), the predictions CSV and the
     DVC plot files (ROC, PR, reliability, confusion).
     """
-    from train.evaluation.evaluate import evaluate_shards, headline, human_summary, write_outputs
+    from train.evaluation.evaluate import PLOT_FILES, PLOT_NAMES, evaluate_shards, headline, human_summary, write_outputs
     from train.evaluation.external import evaluate_external, external_test_items
 
     p = read_params(params)
     if root is None:
-        result = evaluate_shards(model, shards, p.evaluate, p.train, p.seed, engine, show_progress=True)
         predictions = predictions or Path("metrics/predictions_test.csv")
         plots = plots or Path("metrics/plots")
         figures = figures or Path("metrics/figures")
@@ -204,15 +206,22 @@ def evaluate(
             raise CxrError("pass either --shards or --root, not both")
         if figures is not None:
             raise CxrError("--figures draws shard images; with --root there are none (drop --figures)")
-        items, rejects = external_test_items(root)
-        rejects_path = out.with_name(f"{out.stem}_rejects.json")
-        result = evaluate_external(model, items, rejects, str(root), p.evaluate, p.data, p.train, p.seed, engine,
-                                   show_progress=True, rejects_path=rejects_path)  # fmt: skip
-    write_outputs(result, out, predictions, plots)
-    if figures is not None:
-        from train.evaluation.misclassified import FIGURE_NAME, evaluate_figure
+    with contextlib.ExitStack() as held:
+        if plots is not None:  # one writer per plots folder, held from before scoring to the last file
+            claim_folder(plots, "evaluate-plots", PLOT_NAMES)
+            held.enter_context(output_lock(plots, stale_temps_of=PLOT_FILES))
+        if root is None:
+            result = evaluate_shards(model, shards, p.evaluate, p.train, p.seed, engine, show_progress=True)
+        else:
+            items, rejects = external_test_items(root)
+            rejects_path = out.with_name(f"{out.stem}_rejects.json")
+            result = evaluate_external(model, items, rejects, str(root), p.evaluate, p.data, p.train, p.seed, engine,
+                                       show_progress=True, rejects_path=rejects_path)  # fmt: skip
+        write_outputs(result, out, predictions, plots)
+        if figures is not None:
+            from train.evaluation.misclassified import FIGURE_NAME, evaluate_figure
 
-        evaluate_figure(model, result, figures / FIGURE_NAME)
+            evaluate_figure(model, result, figures / FIGURE_NAME)
     echo_json(headline(result.report, out))
     typer.echo(human_summary(result.report, out), err=True)  # stderr: stdout stays JSON
 

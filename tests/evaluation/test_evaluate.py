@@ -305,3 +305,22 @@ def test_a_test_key_also_in_train_is_refused_before_scoring(tmp_path, tiny):
 
 def read_cls(tar) -> list[str]:
     return [("negative", "positive")[int(tar.extractfile(m).read())] for m in tar if m.name.endswith(".cls")]
+
+
+def test_a_second_evaluate_on_the_same_plots_is_refused_before_scoring_and_replaces_nothing(tmp_path, tiny):
+    from pipeline.fileio import output_lock
+
+    shards, ckpt = tiny
+    out, plots = tmp_path / "m" / "eval.json", tmp_path / "m" / "plots"
+    out.parent.mkdir()
+    out.write_text('{"first": true}\n')
+    with output_lock(plots):  # stands in for an evaluate still writing these plots
+        result = CliRunner().invoke(
+            app,
+            ["evaluate", "--model", str(ckpt), "--shards", str(shards), "--out", str(out), "--predictions",
+             str(tmp_path / "m" / "pred.csv"), "--plots", str(plots), "--figures", str(tmp_path / "m" / "figures"),
+             "--params", str(_params_file(tmp_path))],  # fmt: skip
+        )
+    assert result.exit_code == 1 and "another run is writing" in result.output, result.output
+    assert len(result.output.strip().splitlines()) == 1
+    assert out.read_text() == '{"first": true}\n' and not (tmp_path / "m" / "pred.csv").exists()

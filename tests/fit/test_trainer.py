@@ -311,3 +311,28 @@ def test_a_summary_claiming_a_billion_training_images_is_refused_before_any_step
     with pytest.raises(CxrError, match=r"train-000000.tar holds \d+ samples, the summary lists 99999"):
         train_model(_params(), shards, tmp_path / "m", tmp_path / "l", progress=False)
     assert time.perf_counter() - started < 30 and not (tmp_path / "m" / "last.pt").exists()
+
+
+def test_a_second_training_on_the_same_out_is_refused_and_leaves_the_first_runs_model(tmp_path: Path, shards: Path):
+    from pipeline.fileio import output_lock
+
+    out = tmp_path / "models"
+    out.mkdir()
+    (out / "best.pt").write_bytes(b"the first run's model")
+    with output_lock(out):  # stands in for a training still running on OUT
+        with pytest.raises(CxrError, match="another run is writing"):
+            train_model(_params(epochs=1), shards, out, tmp_path / "live", progress=False)
+    assert (out / "best.pt").read_bytes() == b"the first run's model"
+
+
+def test_the_next_training_removes_the_checkpoint_temps_a_killed_one_left(tmp_path: Path, shards: Path, monkeypatch):
+    from train.fit import trainer
+
+    out = tmp_path / "models"
+    out.mkdir()
+    for name in (".last.pt.k9abcdef.tmp", ".best.pt.k9abcdef.tmp", "notes.tmp", ".model.onnx.k9abcdef.tmp"):
+        (out / name).write_bytes(b"x")
+    seen = []
+    monkeypatch.setattr(trainer, "_train", lambda *a, **k: seen.append(sorted(p.name for p in out.iterdir())) or {})
+    train_model(_params(epochs=1), shards, out, tmp_path / "live", progress=False)
+    assert seen == [[".cxr.lock", ".model.onnx.k9abcdef.tmp", "notes.tmp"]]  # only its own temps, before it ran

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import csv
+import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import cv2
@@ -20,7 +24,7 @@ from train.calibration import PROB_COLUMN
 from train.calibration import apply as calibrate
 from train.checkpoint import load_checkpoint, make_meta, save_checkpoint
 from train.export import export_onnx, onnx_meta, onnx_session
-from train.screen.inputs import collect_inputs, load_image
+from train.screen.inputs import MAX_FOLDER_DEPTH, collect_inputs, load_image
 from train.screen.predict import CSV_COLUMNS, heatmap_name
 from tests.test_dicom import dicom_bytes
 from tests.test_export import PREPROCESS, make_checkpoint
@@ -334,3 +338,103 @@ def test_file_names_a_spreadsheet_would_run_are_escaped_in_the_csv(tmp_path, inp
     rows = read_rows(Path("p.csv"))
     assert set(rows) == {"'=1+2.png", "'@evil.png"}
     assert rows["'=1+2.png"]["decision"] in ("positive", "negative") and rows["'@evil.png"]["error"]
+
+
+def test_out_as_a_dangling_link_is_refused_and_its_target_never_created(tmp_path, inputs, checkpoint):
+    out = tmp_path / "pred.csv"
+    out.symlink_to(tmp_path / "elsewhere.csv")
+    result = run(str(inputs / "a.png"), "--model", str(checkpoint), "--out", str(out))
+    assert result.exit_code == 1 and "symbolic link" in result.output and len(result.output.splitlines()) == 1
+    assert not (tmp_path / "elsewhere.csv").exists() and out.is_symlink()
+
+
+def test_a_link_planted_under_a_coming_heatmaps_name_is_refused_not_followed(tmp_path, inputs, checkpoint):
+    victim = tmp_path / "victim.png"
+    victim.write_bytes(b"precious")
+    maps = tmp_path / "maps"
+    maps.mkdir()
+    (maps / heatmap_name(inputs / "a.png")).symlink_to(victim)
+    result = run(str(inputs / "a.png"), "--model", str(checkpoint), "--out", str(tmp_path / "p.csv"),
+                 "--heatmaps", str(maps))  # fmt: skip
+    assert result.exit_code == 1 and "symbolic link" in result.output and len(result.output.splitlines()) == 1
+    assert victim.read_bytes() == b"precious"
+    assert (maps / heatmap_name(inputs / "a.png")).is_symlink()
+
+
+def _in_a_child(code: str, timeout: float = 60) -> subprocess.CompletedProcess:
+    """Run `code` in a fresh interpreter with a deadline: a walk that blocks on a FIFO fails the test, never hangs it."""
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    try:
+        return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout, env=env)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"timed out after {timeout} s: something blocked (a FIFO opened for reading?)")
+
+
+def test_fifos_in_a_scanned_folder_are_error_rows_never_opened(tmp_path, inputs):
+    folder = tmp_path / "scans"
+    folder.mkdir()
+    (folder / "good.png").write_bytes((inputs / "a.png").read_bytes())
+    os.mkfifo(folder / "a.png")  # named like an image: the read would block
+    os.mkfifo(folder / "b")  # no suffix: the DICOM sniff would block
+    code = (
+        "import json; from pipeline.preprocess import PreprocessConfig; from train.screen.inputs import *\n"
+        f"files, refused = collect_inputs([{str(folder)!r}, {str(folder / 'a.png')!r}])\n"
+        f"cfg = PreprocessConfig.from_dict({PREPROCESS!r})\n"
+        "print(json.dumps([[str(f) for f in files], refused, [load_or_reason(f, cfg) for f in files if f.name == 'a.png']]))"
+    )
+    result = _in_a_child(code)
+    assert result.returncode == 0, result.stderr
+    files, refused, named = json.loads(result.stdout)
+    assert files == [str(folder / "a.png"), str(folder / "good.png")]  # a.png: only because it was named
+    assert refused == [[str(folder / "a.png"), "a FIFO (named pipe), not a regular file: refused unopened"],
+                       [str(folder / "b"), "a FIFO (named pipe), not a regular file: refused unopened"]]  # fmt: skip
+    assert named == ["a FIFO (named pipe), not a regular file: refused unopened"]
+
+
+def test_a_fifo_given_to_predict_is_an_error_row_and_exit_2(tmp_path, inputs, checkpoint):
+    folder = tmp_path / "scans"
+    folder.mkdir()
+    (folder / "good.png").write_bytes((inputs / "a.png").read_bytes())
+    os.mkfifo(folder / "x.png")
+    out = tmp_path / "p.csv"
+    code = (
+        "import sys; from typer.testing import CliRunner; from pipeline.cli import app\n"
+        f"r = CliRunner().invoke(app, ['predict', {str(folder)!r}, '--model', {str(checkpoint)!r}, "
+        f"'--out', {str(out)!r}, '--no-progress'])\n"
+        "print(r.output); sys.exit(r.exit_code)"
+    )
+    result = _in_a_child(code, timeout=120)
+    assert result.returncode == 2, result.stdout + result.stderr
+    rows = read_rows(out)
+    assert "not a regular file" in rows[str(folder / "x.png")]["error"]
+    assert rows[str(folder / "good.png")]["decision"] in {"positive", "negative"}
+
+
+def test_deeply_nested_folders_are_one_reason_not_a_recursion_error(tmp_path, inputs):
+    deep = tmp_path / "deep"
+    leaf = deep
+    deep.mkdir()
+    for _ in range(1100):  # deeper than the interpreter's recursion limit: os.walk (3.11) and `**` recurse
+        leaf = leaf / "d"
+        leaf.mkdir()  # one level at a time: os.makedirs recurses too
+    (leaf / "x.png").write_bytes((inputs / "a.png").read_bytes())
+    (deep / "top.png").write_bytes((inputs / "a.png").read_bytes())
+    try:
+        files, unmatched = collect_inputs([str(deep), str(deep) + "/**/*.png"])
+    finally:  # bottom-up by hand: pytest's cleanup (shutil.rmtree, 3.11) would recurse 1,100 deep
+        (leaf / "x.png").unlink()
+        while leaf != deep:
+            leaf.rmdir()
+            leaf = leaf.parent
+    assert files == []
+    assert unmatched[0] == (str(deep), f"{deep} has folders nested more than {MAX_FOLDER_DEPTH} deep (at "
+                            f"{deep}{'/d' * (MAX_FOLDER_DEPTH + 1)}); name a shallower folder")  # fmt: skip
+    assert len(unmatched) == 2 and unmatched[1][0].endswith("**/*.png")
+
+
+def test_a_shallow_tree_within_the_bounds_is_walked_whole(tmp_path, inputs):
+    leaf = tmp_path / "tree" / Path(*["d"] * MAX_FOLDER_DEPTH)
+    leaf.mkdir(parents=True)
+    (leaf / "x.png").write_bytes((inputs / "a.png").read_bytes())
+    files, unmatched = collect_inputs([str(tmp_path / "tree")])
+    assert files == [leaf / "x.png"] and unmatched == []

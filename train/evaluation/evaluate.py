@@ -199,8 +199,8 @@ def write_predictions(path: Path, pred: Predictions, threshold: float) -> None:
     atomic_write_csv(path, rows)
 
 
-PLOT_NAMES = tuple(re.compile(re.escape(name)) for name in
-                   ("roc.json", "pr.json", "confusion.csv", "reliability_test.json", "reliability_val.json"))
+PLOT_FILES = ("roc.json", "pr.json", "confusion.csv", "reliability_test.json", "reliability_val.json")
+PLOT_NAMES = tuple(re.compile(re.escape(name)) for name in PLOT_FILES)
 
 
 def write_plots(plots_dir: Path, pred: Predictions, threshold: float, val: Predictions | None = None) -> None:

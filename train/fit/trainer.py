@@ -15,6 +15,7 @@ no saved RNG state and every DDP rank resumes exactly too.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -27,6 +28,7 @@ from sklearn.metrics import roc_auc_score
 from torch.nn.parallel import DistributedDataParallel
 
 from pipeline.errors import CxrError
+from pipeline.fileio import output_lock
 from pipeline.params import Params
 from pipeline.shard_format import ShardSummary, audit_shards, read_summary
 from train.checkpoint import TrainState, detached_state_dict, load_checkpoint, make_meta, save_checkpoint
@@ -129,7 +131,11 @@ def train_model(params: Params, shard_dir: Path | str, out_dir: Path, live_dir: 
     audit_shards(summary)
     rt = start_runtime()
     try:
-        return _train(params, summary, Path(out_dir), Path(live_dir), rt, progress)
+        # One writer per OUT: a second training on it stops here, before best.pt is touched. Rank 0
+        # only, as only it writes OUT; holding the lock, it removes the checkpoint temps a killed run left.
+        lock = output_lock(out_dir, stale_temps_of=(BEST_NAME, LAST_NAME)) if rt.is_main else contextlib.nullcontext()
+        with lock:
+            return _train(params, summary, Path(out_dir), Path(live_dir), rt, progress)
     finally:
         stop_runtime(rt)
 

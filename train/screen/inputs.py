@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import glob
 import os
-from collections.abc import Iterator, Sequence
+import stat
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -21,28 +22,50 @@ IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".tif", ".tiff", *DICOM_SUF
 _GLOB_CHARS = frozenset("*?[")
 
 
+# Bounds on a folder walk, so a hostile or mistaken tree (1,100 nested folders, a million entries)
+# is one clear line instead of a RecursionError or an endless scan. Far above any real study layout.
+MAX_FOLDER_DEPTH = 64
+MAX_FOLDER_ENTRIES = 1_000_000
+
+
 def collect_inputs(args: Sequence[str]) -> tuple[list[Path], list[tuple[str, str]]]:
     """Expand files, folders (recursive) and glob patterns into a sorted list of files.
 
     Named files and glob matches are always tried (a wrong one gets an error
     row); inside folders only image suffixes, or DICOM's magic for files named
     otherwise, are taken, and hidden entries are skipped. Returns (files,
-    [(argument, reason)] for arguments that matched nothing).
+    [(argument or path, reason)] for arguments that matched nothing, folders over the walk's
+    bounds, and entries refused unopened: FIFOs, sockets and devices, whatever their name).
     """
     files: set[Path] = set()
     unmatched: list[tuple[str, str]] = []
+
+    def walk(arg: str, folder: Path) -> list[Path]:
+        try:
+            found, refused = images_under(folder)
+        except CxrError as exc:
+            unmatched.append((arg, str(exc)))
+            return []
+        unmatched.extend(refused)
+        return found
+
     for arg in args:
         path = Path(arg)
         if path.is_dir():
-            found = list(images_under(path))
-            if not found:
+            found = walk(arg, path)
+            if not found and not any(a == arg for a, _ in unmatched):
                 unmatched.append((arg, "folder contains no images"))
             files.update(found)
-        elif path.exists():
-            files.add(path)
+        elif path.exists() or path.is_symlink():
+            files.add(path)  # load_image stats it before opening: a FIFO or device is an error row
         elif _GLOB_CHARS & set(arg):
-            matches = map(Path, glob.glob(arg, recursive=True))
-            found = [f for m in matches for f in (images_under(m) if m.is_dir() else [m])]
+            try:
+                matches = list(map(Path, glob.glob(arg, recursive=True)))
+            except RecursionError:  # the standard library's `**` recurses; our own walk does not
+                unmatched.append((arg, "pattern reaches folders nested too deep to expand (deeper than the "
+                                       "interpreter allows); name a shallower folder"))  # fmt: skip
+                continue
+            found = [f for m in matches for f in (walk(arg, m) if m.is_dir() else [m])]
             if not found:
                 unmatched.append((arg, "pattern matched no images"))
             files.update(found)
@@ -51,27 +74,94 @@ def collect_inputs(args: Sequence[str]) -> tuple[list[Path], list[tuple[str, str
     return sorted(files, key=str), unmatched
 
 
-def images_under(folder: Path) -> Iterator[Path]:
-    for root, dirs, names in os.walk(folder):
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        for name in names:
-            path = Path(root) / name
-            if not name.startswith(".") and (path.suffix.lower() in IMAGE_SUFFIXES or _has_dicom_magic(path)):
-                yield path
+def images_under(folder: Path) -> tuple[list[Path], list[tuple[str, str]]]:
+    """(image files under `folder`, [(path, reason)] for entries refused without being opened).
+
+    Iterative (an explicit stack, never recursion) and bounded by MAX_FOLDER_DEPTH and
+    MAX_FOLDER_ENTRIES (CxrError past either). Entries are stat-ed before any open: a FIFO would
+    block the DICOM sniff or the read forever, a device could be anything. Linked folders are not
+    entered (as os.walk's default: no loops); a linked file is taken like the file it names.
+    """
+    found: list[Path] = []
+    refused: list[tuple[str, str]] = []
+    stack = [(folder, 0)]
+    listed = 0
+    while stack:
+        current, depth = stack.pop()
+        try:
+            with os.scandir(current) as it:
+                entries = [e for e in it if not e.name.startswith(".")]
+        except OSError as exc:
+            refused.append((str(current), f"cannot list folder: {exc.strerror or exc}"))
+            continue
+        listed += len(entries)
+        if listed > MAX_FOLDER_ENTRIES:
+            raise CxrError(f"{folder} holds more than {MAX_FOLDER_ENTRIES} entries; name a smaller folder")
+        for entry in entries:
+            path = Path(entry.path)
+            named_image = path.suffix.lower() in IMAGE_SUFFIXES
+            try:
+                info = entry.stat()  # follows a link to its file
+            except OSError as exc:
+                if named_image:  # a dangling link named like an image: the user expects it scored
+                    refused.append((str(path), f"cannot read file: {exc.strerror or exc}"))
+                continue
+            if stat.S_ISDIR(info.st_mode):
+                if entry.is_symlink():
+                    continue
+                if depth + 1 > MAX_FOLDER_DEPTH:
+                    raise CxrError(f"{folder} has folders nested more than {MAX_FOLDER_DEPTH} deep (at {path}); "
+                                   "name a shallower folder")  # fmt: skip
+                stack.append((path, depth + 1))
+            elif not stat.S_ISREG(info.st_mode):
+                refused.append((str(path), f"{_kind(info.st_mode)}, not a regular file: refused unopened"))
+            elif named_image or _has_dicom_magic(path):
+                found.append(path)
+    return sorted(found, key=str), sorted(refused)
+
+
+def _kind(mode: int) -> str:
+    if stat.S_ISFIFO(mode):
+        return "a FIFO (named pipe)"
+    if stat.S_ISSOCK(mode):
+        return "a socket"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "a device"
+    return "a special file"
+
+
+def _open_regular(path: Path) -> int:
+    """A read-only descriptor on `path` if it is a regular file, else CxrError; never blocks.
+
+    stat first, so a device is never opened at all; O_NONBLOCK and fstat for one swapped in since.
+    """
+    try:
+        info = os.stat(path)
+        if not stat.S_ISREG(info.st_mode):
+            raise CxrError(f"{_kind(info.st_mode) if not stat.S_ISDIR(info.st_mode) else 'a folder'}, "
+                           "not a regular file: refused unopened")  # fmt: skip
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    except OSError as exc:
+        raise CxrError(f"cannot read file: {exc.strerror or exc}") from None
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        raise CxrError(f"{_kind(mode)}, not a regular file: refused")
+    return fd
 
 
 def _has_dicom_magic(path: Path) -> bool:
     try:
-        with open(path, "rb") as fh:
+        with os.fdopen(_open_regular(path), "rb") as fh:
             return looks_like_dicom(path, fh.read(132))
-    except OSError:
+    except (CxrError, OSError):
         return False
 
 
 def load_image(path: Path, cfg: PreprocessConfig) -> np.ndarray:
     """One input file -> the model's uint8 (size, size) input, by the shard stage's functions."""
     try:
-        with open(path, "rb") as fh:
+        with os.fdopen(_open_regular(path), "rb") as fh:
             size = os.fstat(fh.fileno()).st_size
             if size > cfg.max_decoded_bytes:  # checked before reading: the file itself must fit the bound
                 raise CxrError(f"file is {size / 2**20:.0f} MiB, over the bound of {cfg.max_decoded_bytes / 2**20:.0f} MiB")

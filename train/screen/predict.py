@@ -20,6 +20,7 @@ import fcntl
 import hashlib
 import os
 import re
+import stat
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +31,7 @@ import torch
 from tqdm import tqdm
 
 from pipeline.errors import CxrError
-from pipeline.fileio import spreadsheet_safe
+from pipeline.fileio import check_output_path, spreadsheet_safe
 from pipeline.ownership import claim_folder
 from pipeline.shard_format import CLASS_NAMES
 from train.calibration import PROB_COLUMN
@@ -156,6 +157,7 @@ def _csv_rows(path: Path) -> Iterator[Callable[..., None]]:
     first line): `--out notes.csv` must not destroy a user's spreadsheet.
     """
     header = ",".join(CSV_COLUMNS)
+    check_output_path(path)  # a link (even a dangling one) or a FIFO under --out's name is refused
     if path.exists():
         try:
             with open(path, encoding="utf-8", errors="replace", newline="") as fh:
@@ -168,9 +170,13 @@ def _csv_rows(path: Path) -> Iterator[Callable[..., None]]:
         path.parent.mkdir(parents=True, exist_ok=True)
         # Opened without truncating, locked, then emptied: a second run on the same CSV stops
         # with a clear line instead of interleaving its rows (flock: the kernel drops it with the process).
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o644)
+        # O_NOFOLLOW | O_NONBLOCK: a link or FIFO swapped in since the check is refused, not followed or waited on.
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK, 0o644)
     except OSError as exc:
         raise CxrError(f"cannot write {path}: {exc.strerror or exc}") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise CxrError(f"refusing to write {path}: it is not a regular file")
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
