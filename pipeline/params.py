@@ -111,6 +111,8 @@ class EvaluateParams:
     bootstrap: int
     batch_size: int
     prevalence: float  # PPV/NPV are also reported at this prevalence (screening population)
+    ood_dim: int  # PCA components of the out-of-distribution gate (train/ood.py)
+    ood_quantile: float  # share of validation images the gate's threshold lets pass
     external: dict[str, str]  # name -> COVIDx-layout root scored by the `external` stage
 
 
@@ -260,6 +262,8 @@ RANGES: dict[str, tuple[str, float, float, bool, bool]] = {
     "evaluate.bootstrap": (_INT, 0, 10**7, False, False),
     "evaluate.batch_size": (_INT, 1, 65536, False, False),
     "evaluate.prevalence": (_NUM, 0.0, 1.0, True, True),
+    "evaluate.ood_dim": (_INT, 1, 1024, False, False),
+    "evaluate.ood_quantile": (_NUM, 0.5, 1.0, False, False),
     "latency.threads": (_INT, 0, 1024, False, False),
     "latency.warmup": (_INT, 0, 10**6, False, False),
     "latency.runs": (_INT, 1, 10**6, False, False),

@@ -22,11 +22,15 @@ from pipeline.names import FREEZE_MODES, INIT_KINDS, MODEL_NAMES, VARIANTS
 from pipeline.params import INPUT_SIZE_RANGE
 from pipeline.shard_format import CLASS_NAMES
 from train.models import ScreeningNet, build_model
+from train.ood import validate_gate
 
 FORMAT = "cxr-screen-checkpoint/1"
 # Meta keys added after format 1, each with the value that reproduces what older checkpoints
 # did: load_checkpoint fills them in, so adding a key leaves every existing checkpoint readable.
-META_DEFAULTS: dict[str, Any] = {"calibration": None, "selection": None}  # None: identity calibration; not recorded
+META_DEFAULTS: dict[str, Any] = {
+    "calibration": None, "selection": None,  # None: identity calibration; not recorded
+    "ood": None, "ood_params": None,  # None: no out-of-distribution gate (train/ood.py): verdicts are null
+}
 
 
 @dataclass(frozen=True)
@@ -122,8 +126,11 @@ def make_meta(
     calibration: dict[str, Any] | None = None,
     selection: dict[str, Any] | None = None,
     init: dict[str, Any] | None = None,
+    ood: dict[str, Any] | None = None,
+    ood_params: dict[str, torch.Tensor] | None = None,
 ) -> dict[str, Any]:
-    """`init`: what training started from (train/fit/starting_weights.py's record plus `freeze`)."""
+    """`init`: what training started from (train/fit/starting_weights.py's record plus `freeze`);
+    `ood`, `ood_params`: the out-of-distribution gate (train/ood.py)."""
     return {
         "format": FORMAT,
         "model": model,
@@ -140,6 +147,8 @@ def make_meta(
         # how best.pt's epoch was chosen, and how sure the validation split can be of it
         "selection": selection,
         "init": init if init is not None else {"kind": "scratch", "freeze": "none"},
+        "ood": ood,
+        "ood_params": ood_params,
     }
 
 
@@ -227,5 +236,6 @@ def validate_meta(meta: Any, where: str) -> dict[str, Any]:
     init = meta.get("init", {"kind": "scratch", "freeze": "none"})
     need(isinstance(init, dict) and init.get("kind") in INIT_KINDS and init.get("freeze", "none") in FREEZE_MODES,
          f"init must be {{kind: one of {list(INIT_KINDS)}, freeze: one of {list(FREEZE_MODES)}}}")  # fmt: skip
+    validate_gate(meta, where)
     return meta
 

@@ -41,6 +41,7 @@ from pipeline.errors import CxrError
 from pipeline.fileio import TEMP_SUFFIX, atomic_output, check_output_path, output_lock
 from pipeline.shard_format import read_summary
 from train.checkpoint import Checkpoint, load_checkpoint, validate_meta
+from train import ood
 from train.models import model_input
 
 log = logging.getLogger(__name__)
@@ -86,15 +87,21 @@ def export_onnx(
         tmp = Path(workdir) / "graph.onnx"
         bar.set_postfix_str("tracing to ONNX")
         start = time.perf_counter()
-        exporter = export_graph(model, size, tmp)
+        # with an out-of-distribution gate the graph has its score as a second output (train/ood.py)
+        gated = ood.GatedNet(model, ckpt.meta["ood_params"]).eval() if ckpt.meta.get("ood") else None
+        outputs = (OUTPUT_NAME,) if gated is None else (OUTPUT_NAME, ood.OUTPUT_NAME)
+        exporter = export_graph(model if gated is None else gated, size, tmp, outputs)
         seconds = time.perf_counter() - start
         bar.update()
         bar.set_postfix_str("checking onnxruntime against PyTorch")
         session = onnx_session(tmp, providers=["CPUExecutionProvider"])
         verification = verify(model, session, size, verify_images, tolerance)
+        if gated is not None:
+            verification["ood"] = verify_gate(gated, session, size, verify_images)
         bar.update()
         meta = {
-            **ckpt.meta,
+            # the gate's tensors are in the graph; the JSON keeps its summary (threshold, dims)
+            **{k: v for k, v in ckpt.meta.items() if k != ood.PARAMS_KEY},
             "checkpoint_file": ckpt.path.name,
             "checkpoint_sha256": ckpt.file_sha256(),
             # no timings in here: the same checkpoint must give the same file
@@ -125,8 +132,9 @@ def _check_replaceable(out_path: Path) -> None:
         raise CxrError(f"refusing to overwrite {out_path}: it is not an ONNX model written by `cxr export`")
 
 
-def export_graph(model: torch.nn.Module, size: int, path: Path) -> str:
-    """Write `model` (a ScreeningNet in eval mode) to `path` as ONNX with a dynamic batch axis.
+def export_graph(model: torch.nn.Module, size: int, path: Path, outputs: tuple[str, ...] = (OUTPUT_NAME,)) -> str:
+    """Write `model` (a ScreeningNet in eval mode, or a GatedNet with `outputs` naming both) to `path`
+    as ONNX with a dynamic batch axis.
 
     Returns the exporter that produced it: "dynamo", or "torchscript" when dynamo failed.
     """
@@ -139,7 +147,7 @@ def export_graph(model: torch.nn.Module, size: int, path: Path) -> str:
                 (example,),
                 dynamo=True,
                 input_names=[INPUT_NAME],
-                output_names=[OUTPUT_NAME],
+                output_names=list(outputs),
                 dynamic_shapes={"x": {0: torch.export.Dim("batch")}},
                 opset_version=OPSET,
                 verbose=False,
@@ -161,8 +169,8 @@ def export_graph(model: torch.nn.Module, size: int, path: Path) -> str:
                 str(path),
                 dynamo=False,
                 input_names=[INPUT_NAME],
-                output_names=[OUTPUT_NAME],
-                dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
+                output_names=list(outputs),
+                dynamic_axes={name: {0: "batch"} for name in (INPUT_NAME, *outputs)},
                 opset_version=OPSET,
             )
     except Exception as exc:
@@ -211,6 +219,22 @@ def verify(
             + ("; the network is numerically sensitive, not the export wrong (see --tolerance)" if sensitive else "")
         )
     return result
+
+
+def verify_gate(gated: torch.nn.Module, session: ort.InferenceSession, size: int,
+                images: np.ndarray | None = None) -> dict[str, Any]:
+    """The exported gate's scores against PyTorch's (train/ood.py's tolerance); CxrError beyond it."""
+    generator = torch.Generator().manual_seed(2)
+    batches = [torch.rand(b, 1, size, size, generator=generator) for b in VERIFY_BATCHES]
+    if images is not None and len(images):
+        batches += list(model_input(images).split(8))
+    with torch.inference_mode():
+        expected = np.concatenate([gated(x)[1].numpy() for x in batches])
+    got = np.concatenate([onnx_outputs(session, x.numpy(), gated=True)[1] for x in batches])
+    result = ood.ood_agreement(expected, got)
+    if not result.pop("ok"):
+        raise CxrError(f"the exported out-of-distribution gate differs from PyTorch: {result}")
+    return {"inputs": len(expected), **result}
 
 
 def logit_agreement(reference: np.ndarray, candidate: np.ndarray, tolerance: float = TOLERANCE) -> dict[str, Any]:
@@ -290,13 +314,35 @@ def onnx_meta(session: ort.InferenceSession, path: Path | str = "<onnx>") -> dic
     sha = meta["checkpoint_sha256"]
     if not (isinstance(sha, str) and len(sha) == 64 and all(c in "0123456789abcdef" for c in sha)):
         raise CxrError(f"{path}: '{META_KEY}' metadata: checkpoint_sha256 must be 64 hex digits")
-    return validate_meta(meta, str(path))
+    validate_meta(meta, str(path))
+    outputs = [o.name for o in session.get_outputs()]
+    if meta.get(ood.SUMMARY_KEY) is not None and (len(outputs) < 2 or outputs[1] != ood.OUTPUT_NAME):
+        raise CxrError(f"{path}: its metadata has an out-of-distribution gate but the graph has no "
+                       f"'{ood.OUTPUT_NAME}' output (outputs: {outputs})")  # fmt: skip
+    return meta
 
 
 def onnx_probabilities(session: ort.InferenceSession, images: np.ndarray) -> np.ndarray:
     """uint8 (B, H, W) preprocessed images -> float64 P(COVID-19), shape (B,)."""
     x = model_input(images).numpy()
     return _sigmoid(session.run([OUTPUT_NAME], {INPUT_NAME: x})[0].astype(np.float64))
+
+
+def onnx_outputs(session: ort.InferenceSession, x: np.ndarray, gated: bool) -> tuple[np.ndarray, np.ndarray | None]:
+    """float32 (B, 1, H, W) model input -> float64 logits (B,) and, for a gated graph, the gate's scores (B,)."""
+    if not gated:
+        return session.run([OUTPUT_NAME], {INPUT_NAME: x})[0].astype(np.float64), None
+    logits, scores = session.run([OUTPUT_NAME, ood.OUTPUT_NAME], {INPUT_NAME: x})
+    if logits.shape != scores.shape:
+        raise CxrError(f"the ONNX graph gave logits {logits.shape} but gate scores {scores.shape}")
+    return logits.astype(np.float64), scores.astype(np.float64)
+
+
+def onnx_probabilities_and_ood(session: ort.InferenceSession, images: np.ndarray,
+                               gated: bool) -> tuple[np.ndarray, np.ndarray | None]:  # fmt: skip
+    """uint8 (B, H, W) preprocessed images -> float64 P(COVID-19) (B,) and the gate's scores (B,) or None."""
+    logits, scores = onnx_outputs(session, model_input(images).numpy(), gated)
+    return _sigmoid(logits), scores
 
 
 def shard_test_images(shard_dir: Path | str, count: int) -> np.ndarray:

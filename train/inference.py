@@ -37,6 +37,7 @@ import torch
 from pipeline.errors import CxrError
 from train.checkpoint import Checkpoint
 from train.models import model_input
+from train.ood import GatedNet, ood_agreement
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +96,8 @@ class Engine:
             raise CxrError(f"unknown engine {requested!r}; valid: {', '.join(ENGINES)}")
         self.requested, self.device = requested, device
         self.model = ckpt.build().to(device).eval()
+        # with an out-of-distribution gate, one forward gives the logit and the gate's score
+        self.gated = GatedNet(self.model, ckpt.meta["ood_params"]).eval() if ckpt.meta.get("ood") else None
         self.session = None
         self.path = "eager"
         self.note = ""
@@ -132,40 +135,57 @@ class Engine:
         self.note = f"{why}; running eager PyTorch"
         log.warning("%s", self.note)
 
-    def _eager_logits(self, images: np.ndarray | torch.Tensor) -> np.ndarray:
+    def _eager_outputs(self, images: np.ndarray | torch.Tensor) -> tuple[np.ndarray, np.ndarray | None]:
+        x = model_input(images, self.device)
         with torch.inference_mode():
-            return self.model(model_input(images, self.device)).float().cpu().numpy().astype(np.float64)
+            if self.gated is None:
+                return self.model(x).float().cpu().numpy().astype(np.float64), None
+            logits, ood_scores = self.gated(x)
+            return logits.float().cpu().numpy().astype(np.float64), ood_scores.cpu().numpy().astype(np.float64)
 
-    def _onnx_logits(self, images: np.ndarray | torch.Tensor) -> np.ndarray:
-        from train.export import INPUT_NAME, OUTPUT_NAME
+    def _onnx_outputs(self, images: np.ndarray | torch.Tensor) -> tuple[np.ndarray, np.ndarray | None]:
+        from train.export import onnx_outputs
 
-        x = model_input(images).numpy()
-        return self.session.run([OUTPUT_NAME], {INPUT_NAME: x})[0].astype(np.float64)
+        return onnx_outputs(self.session, model_input(images).numpy(), gated=self.gated is not None)
 
-    def logits(self, images: np.ndarray) -> np.ndarray:
-        """uint8 (B, H, W) or (B, 1, H, W) -> float64 logits (B,)."""
+    def outputs(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """uint8 (B, H, W) or (B, 1, H, W) -> float64 logits (B,) and the gate's scores (B,) (None: no gate)."""
         if self.session is None:
-            return self._eager_logits(images)
-        got = self._onnx_logits(images)
+            return self._eager_outputs(images)
+        got = self._onnx_outputs(images)
         if self.check is None:
             self._first_batch_check(images, got)
             if self.session is None:
-                return self._eager_logits(images)
+                return self._eager_outputs(images)
         return got
 
-    def _first_batch_check(self, images: np.ndarray, onnx_logits: np.ndarray) -> None:
+    def logits(self, images: np.ndarray) -> np.ndarray:
+        """uint8 (B, H, W) or (B, 1, H, W) -> float64 logits (B,)."""
+        return self.outputs(images)[0]
+
+    def _first_batch_check(self, images: np.ndarray, onnx: tuple[np.ndarray, np.ndarray | None]) -> None:
         from train.export import TOLERANCE, logit_agreement
 
         n = min(len(images), CHECK_IMAGES)
-        self.check = logit_agreement(self._eager_logits(images[:n]), onnx_logits[:n], TOLERANCE)
+        eager = self._eager_outputs(images[:n])
+        self.check = logit_agreement(eager[0], onnx[0][:n], TOLERANCE)
+        if eager[1] is not None:
+            self.check["ood_agreement"] = ood_agreement(eager[1], onnx[1][:n])
+            self.check["ok"] = self.check["ok"] and self.check["ood_agreement"]["ok"]
         if not self.check["ok"]:
             self._fall_back(
                 f"ONNX Runtime differs from PyTorch on the first batch (probability "
-                f"{self.check['max_abs_diff_probability']:.3g}, tolerance {self.check['tolerance']})"
+                f"{self.check['max_abs_diff_probability']:.3g}, tolerance {self.check['tolerance']}; "
+                f"gate {self.check.get('ood_agreement')})"
             )
 
     def probabilities(self, images: np.ndarray) -> np.ndarray:
         return 1.0 / (1.0 + np.exp(-self.logits(images)))
+
+    def probabilities_and_ood(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """P(COVID-19) (B,) and the gate's scores (B,) or None, from one forward."""
+        logits, ood_scores = self.outputs(images)
+        return 1.0 / (1.0 + np.exp(-logits)), ood_scores
 
     def describe(self) -> dict[str, Any]:
         """What ran: recorded in every output, so a number can be traced to its engine."""

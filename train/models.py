@@ -69,11 +69,15 @@ class ScreeningNet(nn.Module):
         self.backbone = backbone
         self.frozen_backbone = False  # see freeze_backbone()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    def prepare(self, x: torch.Tensor) -> torch.Tensor:
+        """What the backbone sees: standardised, and upsampled to the network's input size."""
         x = (x - INPUT_MEAN) / INPUT_STD
         if x.shape[-1] != self.network_input or x.shape[-2] != self.network_input:
             x = F.interpolate(x, size=(self.network_input, self.network_input), mode="bilinear", align_corners=False)
-        out = self.backbone(x)
+        return x
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        out = self.backbone(self.prepare(x))
         if isinstance(out, tuple):  # torchvision InceptionOutputs in training mode
             logits, aux = out
             return logits.squeeze(-1), aux.squeeze(-1)

@@ -37,7 +37,7 @@ from train.fit.epoch import make_optimizer, train_one_epoch, validate
 from train.models import build_model, model_spec
 from train.runtime import Runtime, barrier, broadcast_floats, start_runtime, stop_runtime
 from train.metrics import choose_threshold  # shared with the evaluate stage
-from train import calibration
+from train import calibration, ood
 from train.fit import best_epoch, starting_weights
 
 BEST_NAME = "best.pt"
@@ -273,6 +273,9 @@ def _finish(params, summary, init, out_dir, rt, net, state: TrainState, class_we
                                         val.patients, class_weights.tolist(), params.evaluate.bootstrap,
                                         params.seed)  # fmt: skip
     meta = _meta(params, summary, init, threshold, state.best_epoch, state.best_val_loss, cal, chosen)
+    meta["ood"], meta["ood_params"] = ood.fit_gate_on_shards(
+        net, summary, dim=params.evaluate.ood_dim, quantile=params.evaluate.ood_quantile,
+        batch_size=params.evaluate.batch_size, num_workers=params.train.num_workers, device=rt.device)
     save_checkpoint(out_dir / BEST_NAME, meta, state.best_state, extra={})
     return {
         "epochs_run": state.epoch,
@@ -282,5 +285,6 @@ def _finish(params, summary, init, out_dir, rt, net, state: TrainState, class_we
         "threshold": threshold,
         "calibration": cal,
         "selection": chosen,
+        "ood": meta["ood"],
         "history": state.history,
     }

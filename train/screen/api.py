@@ -44,11 +44,15 @@ class Screening:
     # calibration, `cxr predict`'s p_covid_calibrated_at_val_prevalence; None when the input could not be read
     probability: float | None
     uncalibrated: float | None  # the network's own sigmoid output (the study's 0.5 rule applies to it)
-    decision: str | None  # "positive" or "negative" at `threshold`
+    # "positive" or "negative" at `threshold`; None when unreadable or out of distribution (no basis for one)
+    decision: str | None
     threshold: float  # the model's operating threshold, chosen on validation when it was trained
     error: str  # why the input could not be read; "" otherwise
     heatmap: np.ndarray | None  # Grad-CAM, float32 (size, size) in [0, 1], when asked for
     image: np.ndarray | None  # the preprocessed uint8 (size, size) image the model saw
+    # the out-of-distribution gate's verdict and score (train/ood.py); None when the model has no gate
+    out_of_distribution: bool | None = None
+    ood_score: float | None = None
 
 
 class Screener:
@@ -121,24 +125,28 @@ class Screener:
             x = model_input(images[good], self.device)
             for i, m in zip(good, gradcam_heatmaps(self._model.cam_model, x)):
                 maps[i] = m
-        scored = {name: (float(p), float(r), img, m, why)
-                  for (name, img), p, r, m, why in zip(ok, probs, raw, maps, scores.errors)}  # fmt: skip
+        gates: list[tuple[float, bool] | None] = [None] * len(ok) if scores.ood_score is None else [
+            (float(v), bool(f)) for v, f in zip(scores.ood_score, scores.out_of_distribution)]
+        scored = {name: (float(p), float(r), img, m, why, g)
+                  for (name, img), p, r, m, why, g in zip(ok, probs, raw, maps, scores.errors, gates)}  # fmt: skip
         out = []
         for name, img in chunk:
             if name not in scored:
                 out.append(self._result(name, img))
                 continue
-            p, r, image, heatmap, why = scored[name]
+            p, r, image, heatmap, why, gate = scored[name]
             if why:  # a non-finite or out-of-range output: an error, never a decision
-                out.append(self._result(name, why, image=image))
+                out.append(self._result(name, why, image=image, gate=gate))
             else:
-                out.append(self._result(name, "", p, r, image, heatmap))
+                out.append(self._result(name, "", p, r, image, heatmap, gate))
         return out
 
     def _result(self, name: str, error: str, probability: float | None = None, uncalibrated: float | None = None,
-                image=None, heatmap=None) -> Screening:  # fmt: skip
+                image=None, heatmap=None, gate: tuple[float, bool] | None = None) -> Screening:  # fmt: skip
+        flagged = None if gate is None else gate[1]
         decision = None
         if probability is not None:
-            decision = self._model.decide(probability)
-        return Screening(name, probability, uncalibrated, decision, self.threshold, error, heatmap, image)
+            decision = self._model.decide_gated(probability, flagged)
+        return Screening(name, probability, uncalibrated, decision, self.threshold, error, heatmap, image,
+                         flagged, None if gate is None else gate[0])  # fmt: skip
 

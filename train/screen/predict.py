@@ -42,7 +42,12 @@ from train.screen.inputs import collect_inputs, load_or_reason
 from train.screen.screening_model import ScreeningModel
 
 # The probability column is calibrated (Platt, fitted on validation): P(COVID-19) at the validation prevalence.
-CSV_COLUMNS = ("path", PROB_COLUMN, "decision", "threshold", "model", "engine", "error")
+# out_of_distribution: true/false by the model's gate (train/ood.py), empty when the model has none; a flagged
+# image keeps its probability but gets no decision.
+CSV_COLUMNS = ("path", PROB_COLUMN, "decision", "threshold", "out_of_distribution", "ood_score", "model", "engine",
+               "error")  # fmt: skip
+# headers of CSVs an older `cxr predict` wrote: still this command's own, so still replaceable
+_OLD_HEADERS = (f"path,{PROB_COLUMN},decision,threshold,model,engine,error",)
 HEATMAP_NAME = re.compile(r".+-[0-9a-f]{10}\.png")  # heatmap_name's pattern: all a heatmap folder may hold
 
 
@@ -55,10 +60,12 @@ class PredictSummary:
     model: str
     threshold: float
     device: str
+    out_of_distribution: int = 0  # scored, flagged by the gate, so not decided
 
     def line(self) -> str:
         return (
-            f"{self.total} input(s): {self.positive} positive, {self.negative} negative, {self.failed} failed "
+            f"{self.total} input(s): {self.positive} positive, {self.negative} negative, "
+            f"{self.out_of_distribution} out of distribution (no decision), {self.failed} failed "
             f"(model {self.model}, threshold {self.threshold:.4g}, {self.device})"
         )
 
@@ -94,13 +101,17 @@ def predict(
     model = ScreeningModel.open(checkpoint, onnx_path, heatmaps_dir is not None, device, engine)
     threshold = model.threshold
 
-    def row(path: str, probability: float | None = None, error: str = "") -> dict[str, Any]:
+    def row(path: str, probability: float | None = None, error: str = "",
+            gate: tuple[float, bool] | None = None) -> dict[str, Any]:  # fmt: skip
         decided = probability is not None
+        flagged = gate[1] if gate is not None else None
         return {
             "path": path,
             PROB_COLUMN: repr(probability) if decided else "",  # repr: exact, so CSV decisions re-check exactly
-            "decision": model.decide(probability) if decided else "",
+            "decision": (model.decide_gated(probability, flagged) or "") if decided else "",
             "threshold": repr(threshold),
+            "out_of_distribution": "" if flagged is None else str(flagged).lower(),
+            "ood_score": "" if gate is None else repr(gate[0]),
             "model": model.identity,
             "engine": model.engine if decided else "",
             "error": error,
@@ -123,20 +134,23 @@ def predict(
             # a non-finite or out-of-range output is that image's error, as an unreadable file is
             failed = {path: why for (path, _), why in zip(ok, scores.errors) if why}
             by_path = {path: float(p) for (path, _), p, why in zip(ok, scores.calibrated, scores.errors) if not why}
-            batch_rows = [row(str(p), by_path.get(p), "" if p in by_path else failed.get(p, img)) for p, img in chunk]
+            gates = {} if scores.ood_score is None else {
+                path: (float(v), bool(f)) for (path, _), v, f in zip(ok, scores.ood_score, scores.out_of_distribution)}
+            batch_rows = [row(str(p), by_path.get(p), "" if p in by_path else failed.get(p, img), gates.get(p))
+                          for p, img in chunk]  # fmt: skip
             write_rows(batch_rows)
             rows += batch_rows
             explained = [(path, img) for path, img in ok if path in by_path]
             if heatmaps_dir is not None and explained:
                 _write_heatmaps(model.cam_model, explained, heatmaps_dir, device)
             bar.update(len(chunk))
-    decided = [r for r in rows if not r["error"]]
-    positives = sum(r["decision"] == CLASS_NAMES[1] for r in decided)
+    scored = [r for r in rows if not r["error"]]
     return PredictSummary(
         total=len(rows),
-        positive=positives,
-        negative=len(decided) - positives,
-        failed=len(rows) - len(decided),
+        positive=sum(r["decision"] == CLASS_NAMES[1] for r in scored),
+        negative=sum(r["decision"] == CLASS_NAMES[0] for r in scored),
+        out_of_distribution=sum(r["out_of_distribution"] == "true" for r in scored),
+        failed=len(rows) - len(scored),
         model=model.identity,
         threshold=threshold,
         device=model.engine,
@@ -164,7 +178,7 @@ def _csv_rows(path: Path) -> Iterator[Callable[..., None]]:
                 first = fh.readline(len(header) + 2).rstrip("\r\n")
         except OSError as exc:
             raise CxrError(f"cannot read {path}: {exc.strerror or exc}") from None
-        if first != header:
+        if first != header and first not in _OLD_HEADERS:
             raise CxrError(f"refusing to overwrite {path}: it is not a CSV written by `cxr predict`")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -26,6 +26,7 @@ from train.calibration import apply as calibrate
 from train.checkpoint import load_checkpoint, operating_threshold
 from train.inference import Engine
 from train.metrics import predict_labels
+from train import ood
 
 
 @dataclass(frozen=True)
@@ -55,11 +56,12 @@ def output_error(raw: float, calibrated: float) -> str:
 class ScreeningModel:
     """Open with `ScreeningModel.open(...)`; `score` a batch of preprocessed images, `decide` on a probability."""
 
-    def __init__(self, meta: dict[str, Any], identity: str, probabilities: Callable[[np.ndarray], np.ndarray],
+    def __init__(self, meta: dict[str, Any], identity: str,
+                 probabilities: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray | None]],
                  cam_model: torch.nn.Module | None, engine: Callable[[], str], where: str):  # fmt: skip
         self.meta = meta
         self.identity = identity  # model/variant@checkpoint sha256 prefix (+onnx): predict's `model` column
-        self._probabilities = probabilities  # uint8 (B, H, W) -> float64 (B,)
+        self._probabilities = probabilities  # uint8 (B, H, W) -> float64 (B,), gate scores (B,) or None
         self.cam_model = cam_model  # for Grad-CAM; None when no heatmaps were asked for
         self._engine = engine
         self.config = PreprocessConfig.from_dict(meta["preprocess"])
@@ -68,6 +70,7 @@ class ScreeningModel:
                            f"!= input_size {meta['input_size']}")  # fmt: skip
         self.threshold = operating_threshold(meta, where)
         self.calibration = meta.get("calibration")
+        self.ood_gate = ood.describe(meta)  # None: this model has no out-of-distribution gate
 
     @classmethod
     def open(cls, checkpoint: Path, onnx_path: Path | None, heatmaps: bool, device: torch.device,
@@ -78,10 +81,10 @@ class ScreeningModel:
             ckpt = load_checkpoint(checkpoint)
             runner = Engine(ckpt, engine, device)
             identity = f"{ckpt.model_name}/{ckpt.variant}@{ckpt.file_sha256()[:12]}"
-            return cls(ckpt.meta, identity, runner.probabilities, runner.model if heatmaps else None,
+            return cls(ckpt.meta, identity, runner.probabilities_and_ood, runner.model if heatmaps else None,
                        lambda: f"{runner.path}-{device.type}", str(checkpoint))  # fmt: skip
 
-        from train.export import onnx_meta, onnx_probabilities, onnx_session
+        from train.export import onnx_meta, onnx_probabilities_and_ood, onnx_session
 
         session = onnx_session(onnx_path)
         meta = onnx_meta(session, onnx_path)
@@ -98,7 +101,8 @@ class ScreeningModel:
             cam_model = ckpt.build().to(device)
         identity = f"{meta['model']}/{meta['variant']}@{sha[:12]}+onnx"
         provider = session.get_providers()[0].replace("ExecutionProvider", "").lower()
-        return cls(meta, identity, partial(onnx_probabilities, session), cam_model, lambda: f"onnxruntime-{provider}",
+        gated = ood.describe(meta) is not None
+        return cls(meta, identity, partial(onnx_probabilities_and_ood, session, gated=gated), cam_model, lambda: f"onnxruntime-{provider}",
                    str(onnx_path))  # fmt: skip
 
     @property
@@ -114,12 +118,24 @@ class ScreeningModel:
         """uint8 (B, size, size) preprocessed images -> their scores, the same mapping for PyTorch and ONNX."""
         if len(images) == 0:
             return Scores(np.empty(0), np.empty(0), [])
-        raw = np.asarray(self._probabilities(images), np.float64)
+        raw, ood_scores = self._probabilities(images)
+        raw = np.asarray(raw, np.float64)
         if raw.shape != (len(images),):  # a graph checked at open cannot do this; a wrapped engine could
             raise CxrError(f"the model returned shape {raw.shape} for {len(images)} images; expected one output each")
         calibrated = calibrate(raw, self.calibration)
-        return Scores(raw, calibrated, [output_error(r, c) for r, c in zip(raw, calibrated)])
+        errors = [output_error(r, c) for r, c in zip(raw, calibrated)]
+        if self.ood_gate is None:
+            return Scores(raw, calibrated, errors)
+        if ood_scores is None or np.shape(ood_scores) != raw.shape:
+            raise CxrError("the model has an out-of-distribution gate but returned no score per image")
+        ood_scores = np.asarray(ood_scores, np.float64)
+        return Scores(raw, calibrated, errors, ood_scores, ood.verdicts(ood_scores, self.ood_gate))
 
     def decide(self, probability: float) -> str:
         """The decision at the operating threshold, on the calibrated probability."""
         return CLASS_NAMES[int(predict_labels(np.array([probability]), self.threshold)[0])]
+
+    def decide_gated(self, probability: float, out_of_distribution: bool | None) -> str | None:
+        """`decide`, withheld (None) for an image the out-of-distribution gate flags: its probability is
+        reported, but the model has no basis for a decision on an image unlike its training data."""
+        return None if out_of_distribution else self.decide(probability)

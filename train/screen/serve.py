@@ -342,7 +342,7 @@ def model_card(model: ScreeningModel, checkpoint_sha256: str | None, metrics: di
         "selection": meta.get("selection"),
         "training": {k: params[k] for k in ("model", "variant", "seed", "train", "data") if k in params} or None,
         "training_counts": meta.get("counts") or meta.get("data_counts"),
-        "out_of_distribution_gate": meta.get("ood"),
+        "out_of_distribution_gate": model.ood_gate,
         "test_metrics": None,
         "note": metrics_note,
         "csv_columns": list(CSV_COLUMNS),  # the page's CSV download: predict's own columns
@@ -473,7 +473,7 @@ def create_app(model: ScreeningModel, *, limits: ServeLimits = ServeLimits(), to
                 "filename": names[i],
                 "probability": s["probability"] if decided else None,
                 "uncalibrated": s["uncalibrated"] if decided else None,
-                "decision": model.decide(s["probability"]) if decided else None,
+                "decision": model.decide_gated(s["probability"], s["out_of_distribution"]) if decided else None,
                 "threshold": model.threshold,
                 "out_of_distribution": s["out_of_distribution"] if s else None,
                 "ood_score": s["ood_score"] if s else None,

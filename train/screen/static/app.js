@@ -104,14 +104,18 @@ function show(result) {
   }
   if (result.out_of_distribution) {
     box.append(el("div", { className: "ood", textContent: "Out of distribution: this image is unlike the " +
-      "radiographs the model was trained on (score " + fmt(result.ood_score) + "). Do not rely on its output." }));
+      "radiographs the model was trained on (score " + fmt(result.ood_score) + ", threshold " +
+      fmt(state.card && state.card.out_of_distribution_gate && state.card.out_of_distribution_gate.threshold) +
+      "). Its probability is shown, but no decision is taken." }));
   }
   if (result.error) {
     box.append(el("div", { className: "error", textContent: "Not screened: " + result.error }));
   } else {
     box.append(el("div", { className: "prob", textContent: "P(COVID-19) = " + result.probability.toFixed(3) }));
-    box.append(el("div", {}, "Decision: ", el("span", { className: "decision decision-" + result.decision.replace(/[^A-Za-z0-9-]/g, ""),
-      textContent: result.decision }), " (threshold " + fmt(result.threshold) + ")"));
+    const decision = result.decision || "withheld (out of distribution)";
+    box.append(el("div", {}, "Decision: ", el("span", { className: "decision decision-" +
+      (result.decision || "withheld").replace(/[^A-Za-z0-9-]/g, ""), textContent: decision }),
+      " (threshold " + fmt(result.threshold) + ")"));
   }
   document.getElementById("results").append(box);
 }
@@ -130,7 +134,10 @@ function downloadCsv() {
   for (const { result, model, engine } of state.rows) {
     const decided = !result.error;
     const values = {
-      path: result.filename, decision: decided ? result.decision : "", threshold: result.threshold,
+      path: result.filename, decision: decided && result.decision ? result.decision : "", threshold: result.threshold,
+      out_of_distribution: result.out_of_distribution === null || result.out_of_distribution === undefined
+        ? "" : String(result.out_of_distribution),
+      ood_score: result.ood_score === null || result.ood_score === undefined ? "" : result.ood_score,
       model: model, engine: decided ? engine : "", error: result.error || "",
     };
     values[columns[1]] = decided ? result.probability : "";
