@@ -100,6 +100,28 @@ def _check_bounds(cfg: PreprocessConfig) -> None:
             raise CxrError(f"preprocess config: {message}")
 
 
+# Pixel types an image may hold: booleans, integers and real floats (numpy kinds). Complex values
+# would lose their imaginary part in the float32 cast, strings and objects are no pixels at all.
+PIXEL_KINDS = "buif"
+# Float pixels must lie within +-2**64, the range integer pixel types cover. Far wider than any
+# detector's values (a DICOM's rescaled values come from at most 32-bit integers), and far below
+# float32's 3.4e38, where the min..max stretch below would overflow to inf and score garbage.
+MAX_FLOAT_PIXEL = 2.0**64
+
+
+def check_pixel_values(img: np.ndarray) -> None:
+    """Refuse what `to_grey_u8` cannot stretch faithfully: other pixel types, non-finite or huge floats."""
+    if img.dtype.kind not in PIXEL_KINDS:
+        raise ImageRejected(f"unsupported pixel type {img.dtype}: pixels must be booleans, integers or real floats")
+    if img.dtype.kind != "f" or img.size == 0:
+        return
+    if not np.isfinite(img).all():
+        raise ImageRejected("image contains non-finite values")
+    low, high = float(img.min()), float(img.max())
+    if max(-low, high) > MAX_FLOAT_PIXEL:
+        raise ImageRejected(f"float pixel values span {low:.3g}..{high:.3g}, outside the accepted +-2^64")
+
+
 def to_grey_u8(img: np.ndarray) -> np.ndarray:
     """Any-channel, any-depth image -> 2-D uint8.
 
@@ -108,6 +130,7 @@ def to_grey_u8(img: np.ndarray) -> np.ndarray:
     12-bit radiographs stored in 16-bit containers would come out nearly black
     with a blind `>> 8`.
     """
+    check_pixel_values(img)
     if img.ndim == 3:
         if img.shape[2] == 4:
             img = img[:, :, :3]
@@ -126,8 +149,6 @@ def to_grey_u8(img: np.ndarray) -> np.ndarray:
     if img.dtype == np.uint16:
         return _stretch_u16(img)
     img = img.astype(np.float32)
-    if not np.isfinite(img).all():
-        raise ImageRejected("image contains non-finite values")
     low, high = float(img.min()), float(img.max())
     if high <= low:
         return np.zeros(img.shape, np.uint8)

@@ -1,4 +1,5 @@
 import dataclasses
+import io
 
 import cv2
 import numpy as np
@@ -13,6 +14,7 @@ from pipeline.preprocess import (
     crop_top,
     equalize,
     preprocess_array,
+    preprocess_bytes,
     resize_square,
     to_grey_u8,
 )
@@ -149,3 +151,21 @@ def test_resize_matches_exact_bicubic_on_real_radiographs(covidx_mini):
         diffs.append(np.abs(resize_square(square, 224).astype(float) - _exact_bicubic(square, 224)).mean())
     assert len(diffs) >= 40
     assert np.mean(diffs) < 0.1, f"mean abs difference {np.mean(diffs):.3f} grey levels"
+
+
+@pytest.mark.parametrize("dtype", [np.complex64, object, np.str_, "datetime64[s]"])
+def test_pixel_types_other_than_bool_int_or_real_float_are_refused(dtype):
+    img = np.ones((80, 80), dtype=dtype) if dtype != np.str_ else np.full((80, 80), "7")
+    with pytest.raises(ImageRejected, match="unsupported pixel type"):
+        to_grey_u8(img)
+
+
+def test_a_float_tiff_near_float32s_limit_is_refused_not_overflowed(cfg):
+    """Its min..max stretch would overflow float32 to inf and score what the cast made of it."""
+    img = (radiograph().astype(np.float32) - 128) * np.float32(2.6e36)  # spans -3.3e38..3.3e38
+    buf = io.BytesIO()
+    Image.fromarray(img, mode="F").save(buf, format="TIFF")
+    with pytest.raises(ImageRejected, match=r"outside the accepted \+-2\^64"):
+        preprocess_bytes(buf.getvalue(), cfg)
+    plain = radiograph().astype(np.float64)  # huge but in range: stretched to the same picture as unscaled
+    assert np.abs(to_grey_u8(plain * 2.0**55).astype(int) - to_grey_u8(plain).astype(int)).max() <= 1

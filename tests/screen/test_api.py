@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import re
 import shutil
 from pathlib import Path
 
@@ -125,3 +126,52 @@ def test_a_resume_checkpoint_is_refused_by_the_api(tmp_path, checkpoint):  # noq
     meta = dict(load_checkpoint(checkpoint).meta, threshold={"value": None, "rule": "max_f1", "split": "val"})
     with pytest.raises(CxrError, match="resume checkpoint written during training; screen with best.pt"):
         Screener(_with_state(tmp_path, checkpoint, "last.pt", meta=meta))
+
+
+def _hostile_arrays() -> dict[str, tuple[np.ndarray, str]]:
+    """The issue's arrays (and kin), each with the reason it must get instead of a score or an exception."""
+    huge = np.full((300, 300), 3e38, np.float32)
+    huge[:150] = -3e38  # near float32's limit: the min..max stretch overflowed and the garbage was scored
+    nan = np.full((300, 300), 0.5, np.float32)
+    nan[5, 5] = np.nan
+    return {
+        "1x1": (np.full((1, 1), 90, np.uint8), r"image too small: 1x1 \(min side 64\)"),
+        "2x2": (np.full((2, 2), 90, np.uint8), r"image too small: 2x2 \(min side 64\)"),
+        "63 rows": (np.full((63, 500), 90, np.uint8), r"image too small: 500x63 \(min side 64\)"),
+        "complex": (np.full((300, 300), 90 + 3j), "unsupported pixel type complex128"),
+        "3e38": (huge, r"outside the accepted \+-2\^64"),
+        "1e300 float64": (np.full((300, 300), 1e300), r"outside the accepted \+-2\^64"),
+        "strings": (np.full((300, 300), "90"), "unsupported pixel type <U2"),
+        "objects": (np.full((300, 300), 90, object), "unsupported pixel type object"),
+        "NaN": (nan, "image contains non-finite values"),
+        "inf": (np.full((300, 300), -np.inf), "image contains non-finite values"),
+        "two channels": (np.zeros((300, 300, 2), np.uint8), r"\(H, W\) or \(H, W, C\) image array with C 1, 3 or 4"),
+        "empty": (np.zeros((0, 300), np.uint8), "image too small: 300x0"),
+    }
+
+
+def test_hostile_arrays_get_their_reason_and_the_others_are_still_scored(checkpoint):  # noqa: F811
+    screener = Screener(checkpoint, engine="eager")
+    rng = np.random.default_rng(0)
+    good = (rng.random((300, 260)) * 255).astype(np.uint8)
+    good[0, :2] = 0, 255  # spans 0..255, so the float copy's min..max stretch gives these very pixels
+    hostile = _hostile_arrays()
+    results = screener.predict([good, *(a for a, _ in hostile.values()), good.astype(np.float32) / 255])
+    assert len(results) == len(hostile) + 2
+    first, last, bad = results[0], results[-1], results[1:-1]
+    assert first.decision in ("positive", "negative") and not first.error
+    assert last.probability == pytest.approx(first.probability, abs=1e-6)  # a float image in [0, 1]: same picture
+    for (name, (_, reason)), r in zip(hostile.items(), bad):
+        assert r.probability is None and r.decision is None, name
+        assert re.search(reason, r.error), (name, r.error)
+
+
+def test_array_size_bounds_are_the_decoders(checkpoint):  # noqa: F811
+    screener = Screener(checkpoint, engine="eager")
+    cfg = screener.config
+    wide = np.broadcast_to(np.uint8(90), (64, cfg.max_pixels // 64 + 1))  # no memory: one byte, strided
+    over = screener.predict(wide)[0]
+    assert over.decision is None and f"over the bound of {cfg.max_pixels}" in over.error
+    heavy = np.broadcast_to(np.float64(0.5), (4100, 4100))  # 128 MiB as float64, within max_pixels
+    assert heavy.nbytes > cfg.max_decoded_bytes >= heavy.size
+    assert "preprocess.max_decoded_bytes" in screener.predict(heavy)[0].error

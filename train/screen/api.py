@@ -6,8 +6,9 @@
         print(r.path, r.probability, r.decision)
 
 Inputs are files, folders (searched recursively), glob patterns, or numpy
-arrays of decoded pixels ((H, W) or (H, W, 3), any depth; e.g. a DICOM's
-pixel_array after its rescale/VOI transforms). Files go through exactly what
+arrays of decoded pixels ((H, W) or (H, W, 1/3/4), any depth; e.g. a DICOM's
+pixel_array after its rescale/VOI transforms), checked as files are (minimum
+side, size bounds, pixel type, finite values in range). Files go through exactly what
 `cxr predict` runs (train/screen/inputs.py: the shard stage's decoding and
 preprocessing; train/screen/screening_model.py: the model opened from its
 artifact; batches of the same size),

@@ -203,9 +203,22 @@ def _or_reason(load, *args) -> np.ndarray | str:
 
 def array_or_reason(pixels: np.ndarray, cfg: PreprocessConfig) -> np.ndarray | str:
     """Decoded pixels (the Python API's arrays) -> the model's input, or why they cannot be one."""
-    try:
-        if pixels.ndim not in (2, 3) or pixels.size == 0:
-            raise CxrError(f"expected an (H, W) or (H, W, C) image array, got shape {pixels.shape}")
-        return preprocess_array(pixels, cfg)
-    except CxrError as exc:
-        return str(exc)
+    return _or_reason(load_array, pixels, cfg)
+
+
+def load_array(pixels: np.ndarray, cfg: PreprocessConfig) -> np.ndarray:
+    """An array gets a file's checks: its shape and size against the decode bounds (`min_side`,
+    `max_pixels`, `max_decoded_bytes`) here, its pixel type and values in `preprocess_array`."""
+    shape = pixels.shape
+    if not (len(shape) == 2 or (len(shape) == 3 and shape[2] in (1, 3, 4))):
+        raise CxrError(f"expected an (H, W) or (H, W, C) image array with C 1, 3 or 4, got shape {shape}")
+    height, width = shape[:2]
+    limits = cfg.limits
+    if height * width > limits.max_pixels:
+        raise CxrError(f"image is {width}x{height} pixels, over the bound of {limits.max_pixels}")
+    if pixels.nbytes > limits.max_decoded_bytes:  # a float64 copy or a colour conversion may follow
+        raise CxrError(f"image array is {pixels.nbytes / 2**20:.0f} MiB, over the bound of "
+                       f"{limits.max_decoded_bytes / 2**20:.0f} MiB (preprocess.max_decoded_bytes)")  # fmt: skip
+    if min(height, width) < limits.min_side:
+        raise CxrError(f"image too small: {width}x{height} (min side {limits.min_side})")
+    return preprocess_array(pixels, cfg)
