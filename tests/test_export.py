@@ -263,7 +263,7 @@ def test_export_holds_its_folder_and_removes_the_temps_a_killed_export_left(tmp_
     assert len(list(out.iterdir())) == 4  # nothing removed while another run held the folder
     seen = []
 
-    def stop_at_trace(model, size, path):
+    def stop_at_trace(model, size, path, outputs):
         seen.append(sorted(p.name for p in out.iterdir()))
         raise CxrError("stopped at the trace")
 

@@ -144,6 +144,12 @@ def eio(monkeypatch):
     real_fdopen = os.fdopen
 
     class Failing(io.RawIOBase):
+        def readable(self):
+            return True
+
+        def readinto(self, buffer):  # what hashlib.file_digest reads with
+            raise OSError(errno.EIO, "Input/output error")
+
         def read(self, *args):
             raise OSError(errno.EIO, "Input/output error")
 
