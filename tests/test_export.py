@@ -19,6 +19,7 @@ from train import export as export_mod
 from train.checkpoint import detached_state_dict, load_checkpoint, make_meta, save_checkpoint
 from train.export import TOLERANCE, export_onnx, onnx_meta, onnx_probabilities, onnx_session, verify
 from train.models import build_model
+from train.onnx_contract import EXPORTED_OPS
 
 from tests.conftest import REPO, make_tiny_shards
 
@@ -104,8 +105,10 @@ def check_export(name: str, ckpt_path: Path, out: Path) -> None:
     assert np.abs(got - expected).max() <= TOLERANCE
     assert np.ptp(expected) > 1e-4  # the calibrated net does discriminate, so the check above is not vacuous
 
+    graph = onnx.load(str(out), load_external_data=False).graph
+    written = {(node.domain, node.op_type) for node in graph.node}
+    assert written <= EXPORTED_OPS, written - EXPORTED_OPS  # the contract's op list covers what we export
     if name == "inceptionv3":  # the 224 -> 299 upsampling is inside the graph
-        graph = onnx.load(str(out), load_external_data=False).graph
         assert any(node.op_type in ("Resize", "Upsample") for node in graph.node)
 
 
@@ -218,17 +221,20 @@ def test_export_never_overwrites_a_file_it_did_not_write(tmp_path, resnet50_onnx
 
 def crafted_onnx(path: Path, meta: dict, *, fill: float = 0.0, input_name: str = "image", channels: int = 1,
                  batch: str | int = "batch", columns: int = 1, output_name: str = "logit",
-                 extra: tuple = ()) -> Path:  # fmt: skip
+                 extra: tuple = (), self_difference: bool = False) -> Path:  # fmt: skip
     """A hand-made ONNX file carrying `meta` as `cxr export` stores it: image -> Conv (every weight
     `fill`) -> Reshape -> logit. The keywords break the project's contract one way at a time;
-    `extra`: (nodes, initializers, outputs) appended to the graph."""
+    `extra`: (nodes, initializers, outputs) appended to the graph; `self_difference`: logit = x - x,
+    so a huge `fill` gives inf - inf = NaN for a real image yet 0 for the black probe images."""
     from onnx import TensorProto, helper, numpy_helper
 
     size = meta["input_size"]
     weight = numpy_helper.from_array(np.full((columns, channels, size, size), fill, np.float32), "w")
     shape = numpy_helper.from_array(np.array([-1] if columns == 1 else [-1, columns], np.int64), "shape")
     nodes = [helper.make_node("Conv", [input_name, "w"], ["conv"]),
-             helper.make_node("Reshape", ["conv", "shape"], [output_name])]  # fmt: skip
+             helper.make_node("Reshape", ["conv", "shape"], ["x" if self_difference else output_name])]  # fmt: skip
+    if self_difference:
+        nodes.append(helper.make_node("Sub", ["x", "x"], [output_name]))
     out_shape = [batch] if columns == 1 else [batch, columns]
     inputs = [helper.make_tensor_value_info(input_name, TensorProto.FLOAT, [batch, channels, size, size])]
     outputs = [helper.make_tensor_value_info(output_name, TensorProto.FLOAT, out_shape)]

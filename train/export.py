@@ -43,6 +43,7 @@ from pipeline.shard_format import read_summary
 from train.checkpoint import Checkpoint, load_checkpoint, validate_meta
 from train import ood
 from train.models import model_input
+from train.onnx_contract import check_graph, load_graph, probe
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +95,7 @@ def export_onnx(
         seconds = time.perf_counter() - start
         bar.update()
         bar.set_postfix_str("checking onnxruntime against PyTorch")
-        session = onnx_session(tmp, providers=["CPUExecutionProvider"])
+        session = onnx_session(tmp, providers=["CPUExecutionProvider"], input_size=size)
         verification = verify(model, session, size, verify_images, tolerance)
         if gated is not None:
             verification["ood"] = verify_gate(gated, session, size, verify_images)
@@ -278,15 +279,22 @@ def _write_with_metadata(graph: Path, meta: dict[str, Any], out_path: Path) -> N
 
 
 def onnx_session(
-    path: Path | str, threads: int | None = None, providers: list[str] | None = None
+    path: Path | str, threads: int | None = None, providers: list[str] | None = None, input_size: int | None = None
 ) -> ort.InferenceSession:
     """An onnxruntime session: CUDA when the installed onnxruntime has it, else CPU.
 
     `threads`: intra-op threads (None or 0: onnxruntime's default, one per core).
+    The file is held to the project's graph contract (train/onnx_contract.py) first, against
+    `input_size`, or the size in its metadata when None, and probed once the session exists.
     """
     path = Path(path)
     if not path.is_file():
         raise CxrError(f"ONNX model not found: {path}")
+    proto = load_graph(path)
+    if input_size is None:
+        input_size = int(_parse_meta({p.key: p.value for p in proto.metadata_props}.get(META_KEY), path)["input_size"])
+    check_graph(proto, path, input_size, INPUT_NAME, OUTPUT_NAME)
+    del proto  # VGG16's weights: not held twice while onnxruntime reads them
     options = ort.SessionOptions()
     if threads:
         options.intra_op_num_threads = threads
@@ -294,14 +302,19 @@ def onnx_session(
         available = ort.get_available_providers()
         providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
     try:
-        return ort.InferenceSession(str(path), sess_options=options, providers=providers)
+        session = ort.InferenceSession(str(path), sess_options=options, providers=providers)
     except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph/... types
         raise CxrError(f"cannot load ONNX model {path}: {exc}") from exc
+    probe(session, input_size, INPUT_NAME, OUTPUT_NAME, f"ONNX model {path}")
+    return session
 
 
 def onnx_meta(session: ort.InferenceSession, path: Path | str = "<onnx>") -> dict[str, Any]:
     """The checkpoint meta stored at export (see module docstring)."""
-    raw = session.get_modelmeta().custom_metadata_map.get(META_KEY)
+    return _parse_meta(session.get_modelmeta().custom_metadata_map.get(META_KEY), path)
+
+
+def _parse_meta(raw: str | None, path: Path | str) -> dict[str, Any]:
     if raw is None:
         raise CxrError(f"{path} has no '{META_KEY}' metadata: it was not written by `cxr export`")
     try:

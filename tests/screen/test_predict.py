@@ -311,13 +311,19 @@ def test_nan_weights_are_an_error_row_and_exit_2_not_a_negative(tmp_path, inputs
 def test_a_crafted_onnx_that_outputs_nan_is_an_error_row(tmp_path, inputs, checkpoint):
     from tests.test_export import crafted_onnx
 
-    graph = crafted_onnx(tmp_path / "nan.onnx", load_checkpoint(checkpoint).meta, fill=float("nan"))
+    meta = load_checkpoint(checkpoint).meta
+    # finite on the contract's black probe images, NaN on real ones: only scoring can tell
+    graph = crafted_onnx(tmp_path / "nan.onnx", meta, fill=1e35, self_difference=True)
     out = tmp_path / "p.csv"
     result = run(str(inputs / "a.png"), str(inputs / "c.jpg"), "--onnx", str(graph), "--model", str(checkpoint),
                  "--out", str(out))  # fmt: skip
     assert result.exit_code == 2, result.output
     rows = read_rows(out)
     assert all(r["decision"] == "" and "not finite" in r["error"] for r in rows.values()) and len(rows) == 2
+    always_nan = crafted_onnx(tmp_path / "nan2.onnx", meta, fill=float("nan"))  # refused before any image is read
+    result = run(str(inputs / "a.png"), "--onnx", str(always_nan), "--out", str(tmp_path / "q.csv"))
+    assert result.exit_code == 1 and "two black images gives float32 [nan, nan]" in result.output
+    assert not (tmp_path / "q.csv").exists()
 
 
 def test_a_resume_checkpoint_is_one_clear_line(tmp_path, inputs, checkpoint):

@@ -73,7 +73,7 @@ def _eager_fn(model: torch.nn.Module) -> Callable[[torch.Tensor], np.ndarray]:
 def _onnxruntime_fn(model: ScreeningNet, input_size: int, threads: int, workdir: Path):
     path = workdir / "model.onnx"
     export_graph(model, input_size, path)  # the graph `cxr export` ships, not a look-alike
-    session = onnx_session(path, threads=threads, providers=["CPUExecutionProvider"])
+    session = onnx_session(path, threads=threads, providers=["CPUExecutionProvider"], input_size=input_size)
 
     def run(x):
         return session.run([OUTPUT_NAME], {INPUT_NAME: x.numpy()})[0]
