@@ -72,7 +72,8 @@ def claim_folder(folder: Path | str, owner: str, patterns: Iterable[re.Pattern[s
 def remove_owned(folder: Path | str, patterns: Iterable[re.Pattern[str]]) -> list[str]:
     """Delete the files in a claimed folder that match the owner's patterns (never folders, never others)."""
     folder = Path(folder)
-    patterns = _with_temps(patterns)  # never the lock or the marker
+    # never the lock or the marker, but the marker's temps: a run killed while claiming leaves one
+    patterns = _with_temps(patterns) + _with_temps([re.compile(re.escape(MARKER))])[1:]
     removed = []
     for path in sorted(folder.iterdir()):
         if _matches(path.name, patterns) and (path.is_symlink() or path.is_file()):

@@ -26,6 +26,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+import yaml
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -386,3 +387,22 @@ def test_a_full_disk_mid_shard_is_one_clean_error_and_leaves_no_temp(tmp_path, m
                       replace(PARAMS.shard, workers=1), data_params(), 1, show_progress=False)  # fmt: skip
     assert not [p.name for p in out.iterdir() if p.name.endswith(".tmp")]
     assert not (out / "summary.json").exists()
+
+
+@pytest.mark.parametrize("target_exists", [False, True])
+def test_an_ingest_output_planted_as_a_link_is_refused_in_one_line_and_its_target_untouched(tmp_path, target_exists):
+    root, _ = build_corpus(tmp_path)
+    data, victim = tmp_path / "data", tmp_path / "victim.jsonl"
+    data.mkdir()
+    if target_exists:
+        victim.write_text("a user's file\n")
+    (data / "m.jsonl").symlink_to(victim)
+    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    raw["data"]["max_reject_fraction"] = 1.0  # the corpus is mostly rejects: ingest must reach its writes
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+    result = runner.invoke(app, ["ingest", "--root", str(root), "--out", str(data / "m.jsonl"), "--report",
+                                 str(data / "r.json"), "--params", str(tmp_path / "params.yaml")])  # fmt: skip
+    assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+    assert result.output.strip().splitlines()[-1].startswith("error:") and "symbolic link" in result.output
+    assert victim.read_text() == "a user's file\n" if target_exists else not victim.exists()
+    assert (data / "m.jsonl").is_symlink()

@@ -57,3 +57,10 @@ def test_a_marker_planted_as_a_link_is_refused_and_its_target_never_written(tmp_
     with pytest.raises(CxrError, match="symbolic link"):
         claim_folder(folder, "shard", OWN)
     assert not (tmp_path / "elsewhere.json").exists()
+
+
+def test_a_marker_temp_left_by_a_killed_claim_is_accepted_and_removed_with_the_owners_files(tmp_path):
+    (tmp_path / f".{MARKER}.k9abcdef.tmp").write_text("half")  # killed while the marker was being written
+    claim_folder(tmp_path, "shard", OWN)
+    assert f".{MARKER}.k9abcdef.tmp" in remove_owned(tmp_path, OWN)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [MARKER]

@@ -75,13 +75,18 @@ def bench_train(
         int, typer.Option(help="Compute threads, 0 = all cores (1 is steadier on a machine shared with other jobs)")
     ] = 0,
     device: Annotated[str, typer.Option(help="cpu, or cuda to time both paths on the GPU")] = "cpu",
+    compiled: Annotated[
+        bool, typer.Option(help="Also time the streaming path with the model under torch.compile")
+    ] = True,
     params: ParamsOpt = DEFAULT_PARAMS,
 ) -> None:
     """Benchmark on this CPU (or --device cuda): streaming trainer vs naive ImageFolder + per-image RandomAffine fp32 trainer.
 
     Reads: SHARDS (train split; exported to a temporary ImageFolder of the same PNGs) and params train.*.
-    Writes nothing; prints training images/s of both paths and their ratio, loader-only images/s
-    (shards vs folder) and the fraction of step time spent waiting for data.
+    Writes nothing; prints training images/s of both paths and their ratio, the streaming path eager
+    vs compiled (eager_images_per_s, compiled_images_per_s, compile_s), loader-only images/s
+    (shards vs folder), the fraction of step time spent waiting for data, and achieved GFLOP/s
+    against a convolution peak measured in the same run in the trained precision (peak_share).
     """
     from train.bench.bench_train import run_train_benchmark
 
@@ -98,6 +103,7 @@ def bench_train(
             fp32_streaming=fp32_streaming,
             threads=threads,
             device=device,
+            compiled=compiled,
         )
     )
 

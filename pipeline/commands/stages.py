@@ -23,7 +23,7 @@ from pipeline.commands.common import (
 )
 from pipeline.errors import CxrError
 from pipeline.fileio import output_lock
-from pipeline.ownership import claim_folder
+from pipeline.ownership import MARKER, claim_folder
 
 app = panel()
 
@@ -209,7 +209,7 @@ def evaluate(
     with contextlib.ExitStack() as held:
         if plots is not None:  # one writer per plots folder, held from before scoring to the last file
             claim_folder(plots, "evaluate-plots", PLOT_NAMES)
-            held.enter_context(output_lock(plots, stale_temps_of=PLOT_FILES))
+            held.enter_context(output_lock(plots, stale_temps_of=(*PLOT_FILES, MARKER)))
         if root is None:
             result = evaluate_shards(model, shards, p.evaluate, p.train, p.seed, engine, show_progress=True)
         else:

@@ -39,7 +39,21 @@ def test_benchmark_times_both_trainers_and_the_loaders(tmp_path):
                                  fp32_streaming=True, threads=1)
     assert result["model"] == "alexnet" and result["batch_size"] == 4 and result["threads"] == 1
     assert result["train_samples"] == 24
-    for path in ("streaming", "naive_fp32", "streaming_fp32"):
+    assert result["eager_images_per_s"] == result["streaming"]["images_per_s"]
+    assert result["compiled_images_per_s"] == result["streaming_compiled"]["images_per_s"]
+    assert result["compiled_vs_eager"] == pytest.approx(result["compiled_images_per_s"] / result["eager_images_per_s"])
+    # compiling AlexNet's forward and backward takes seconds; a compiled step, milliseconds
+    compiled = result["streaming_compiled"]
+    assert result["compile_s"] == pytest.approx(compiled["first_step_s"] - compiled["step_s"])
+    assert result["compile_s"] > 10 * compiled["step_s"]
+    assert compiled["first_step_s"] > result["streaming"]["first_step_s"]
+    # params.yaml trains eager (train.compile false), in the precision this CPU trains in
+    assert not PARAMS.train.compile and result["peak_share_path"] == "streaming"
+    trained = result["trained_precision"]
+    assert trained == ("bf16" if "bfloat16" in result["streaming_precision"] else "fp32")
+    assert result["peak_share"] == pytest.approx(
+        result["achieved_gflops"]["streaming"] / result["conv_peak_gflops"][trained])
+    for path in ("streaming", "streaming_compiled", "naive_fp32", "streaming_fp32"):
         assert result[path]["images_per_s"] > 0
         assert 0.0 <= result[path]["data_wait_fraction"] < 1.0
         achieved = result["achieved_gflops"][path]
@@ -53,3 +67,19 @@ def test_benchmark_times_both_trainers_and_the_loaders(tmp_path):
     assert result["speedup_vs_naive"] == pytest.approx(
         result["streaming"]["images_per_s"] / result["naive_fp32"]["images_per_s"])
     assert result["loader_headroom"] == pytest.approx(loaders["shards"] / result["streaming"]["images_per_s"])
+
+
+def test_without_the_compiled_path_only_eager_is_timed(tmp_path, monkeypatch):
+    import torch
+
+    def no_compile(*args, **kwargs):
+        raise AssertionError("torch.compile called with compiled=False")
+
+    monkeypatch.setattr(torch, "compile", no_compile)
+    monkeypatch.setattr("train.bench.bench_train.conv_peak_gflops", lambda dtype, runs: 1.0)  # probes: seconds
+    shards = make_tiny_shards(tmp_path / "plain", per_class={"train": 4, "val": 2, "test": 2})
+    result = run_train_benchmark(shards, "alexnet", small_batches(), PARAMS.seed, steps=1, warmup=0, loader_images=8,
+                                 threads=1, compiled=False)
+    assert "compiled_images_per_s" not in result and "streaming_compiled" not in result
+    assert result["eager_images_per_s"] > 0 and result["peak_share_path"] == "streaming"
+    assert result["peak_share"] == pytest.approx(result["achieved_gflops"]["streaming"])  # peak 1 GFLOP/s

@@ -7,7 +7,11 @@ ImageFolder of the very same PNG bytes, per-image CPU RandomAffine in the
 workers, fp32 NCHW, torch's default (foreach) Adam. Both use the weighted
 BCE. Each is warmed up before timing; the loader-only rates and the fraction
 of step time spent waiting for data show whether the data path could ever be
-the bottleneck.
+the bottleneck. The streaming path runs twice, eager and with the model under
+torch.compile (as `train.compile: true` trains); the compiled path's first
+step, which compiles the forward and backward graphs, is timed on its own.
+Achieved GFLOP/s are rated against a convolution peak measured in the same
+run, in the precision the trainer trains in (`peak_share`).
 """
 
 from __future__ import annotations
@@ -103,21 +107,30 @@ def _loader_rate(batches, images: int) -> float:
     return seen / (time.perf_counter() - start)
 
 
-def _against_peak(result: dict[str, Any], model_name: str, size: int, device: torch.device) -> dict[str, Any]:
-    """Achieved GFLOP/s of each timed path and its share of this CPU's measured convolution peak."""
+def _against_peak(result: dict[str, Any], model_name: str, size: int, rt: Runtime, compiled: bool) -> dict[str, Any]:
+    """Achieved GFLOP/s of each timed path and its share of this CPU's measured convolution peak.
+
+    `peak_share`: the path `cxr train` runs (compiled when train.compile is true)
+    against the peak of the precision it trains in, measured in this run.
+    """
     flops = train_flops_per_image(build_model(model_name), size)
-    paths = [k for k in ("streaming", "naive_fp32", "streaming_fp32") if k in result]
+    paths = [k for k in ("streaming", "streaming_compiled", "naive_fp32", "streaming_fp32") if k in result]
     achieved = {k: result[k]["images_per_s"] * flops / 1e9 for k in paths}
     out: dict[str, Any] = {"train_gflop_per_image": flops / 1e9, "achieved_gflops": achieved}
-    if device.type != "cpu":
+    if rt.device.type != "cpu":
         out["peak_note"] = "convolution peak probes are CPU-only"
         return out
     peaks = {"fp32": conv_peak_gflops(torch.float32, runs=3), "bf16": conv_peak_gflops(torch.bfloat16, runs=3)}
     best = max(peaks, key=peaks.get)
+    trained = "fp32" if rt.autocast_dtype is None else "bf16"
     out["conv_peak_gflops"] = peaks
     out["share_of_peak"] = {k: v / peaks[best] for k, v in achieved.items()}
     out["peak_precision"] = best  # the faster precision on this CPU: the one a trainer should use
     out["share_of_bf16_peak"] = achieved["streaming"] / peaks["bf16"]
+    out["trained_precision"] = trained
+    path = "streaming_compiled" if compiled else "streaming"
+    out["peak_share_path"] = path
+    out["peak_share"] = achieved[path] / peaks[trained]
     return out
 
 
@@ -132,10 +145,12 @@ def run_train_benchmark(
     fp32_streaming: bool = False,
     threads: int = 0,
     device: str = "cpu",
+    compiled: bool = True,
 ) -> dict[str, Any]:
     """`threads` 0 = all cores (what the trainer uses). On a machine shared with
     other jobs, 1 thread gives steadier numbers: OpenMP's per-op barriers stall
-    whenever another process holds one of the cores."""
+    whenever another process holds one of the cores. `compiled` False skips the
+    compiled path (its compilation takes minutes for the larger networks on a CPU)."""
     summary = read_summary(shard_dir)
     tp = train
     if summary.split("train").count < tp.batch_size:
@@ -155,22 +170,27 @@ def run_train_benchmark(
     stream_kw = dict(batch_size=tp.batch_size, num_workers=tp.num_workers, shuffle_buffer=tp.shuffle_buffer,
                      seed=seed, epoch=0, pin_memory=rt.device.type == "cuda")
 
-    def streaming(run_rt: Runtime) -> dict[str, float]:
+    def streaming(run_rt: Runtime, compile_model: bool = False) -> dict[str, float]:
         torch.manual_seed(seed)
         net = build_model(model_name).to(run_rt.device, memory_format=torch.channels_last if run_rt.channels_last
                                           else torch.contiguous_format)
         opt = make_optimizer(net, lr)
+        model = torch.compile(net) if compile_model else net  # as the trainer does under train.compile
         gen = torch.Generator().manual_seed(seed)
         kw = dict(rt=run_rt, class_weights=class_weights, augment=tp.augment, generator=gen,
                   aux_weight=tp.aux_weight, desc="bench", show_progress=False)
-        # One loader for warm-up and timed steps, as within a training epoch: a
+        # One loader for the first step, warm-up and timed steps, as within a training epoch: a
         # second loader would time its workers' start-up and prefetch burst too.
-        batches = iter(train_batches(summary, steps=warmup + steps, **stream_kw))
-        train_one_epoch(net, opt, islice(batches, warmup), steps=warmup, **kw)
-        stats = train_one_epoch(net, opt, islice(batches, steps), steps=steps, **kw)
+        batches = iter(train_batches(summary, steps=1 + warmup + steps, **stream_kw))
+        first = train_one_epoch(model, opt, islice(batches, 1), steps=1, **kw)  # compiles, when compiled
+        if warmup:
+            train_one_epoch(model, opt, islice(batches, warmup), steps=warmup, **kw)
+        stats = train_one_epoch(model, opt, islice(batches, steps), steps=steps, **kw)
         if run_rt.device.type == "cuda":
             torch.cuda.synchronize()
-        return {"images_per_s": stats.images_per_s, "data_wait_fraction": stats.data_wait_fraction}
+        return {"images_per_s": stats.images_per_s, "data_wait_fraction": stats.data_wait_fraction,
+                # the first step's compute: the loader workers' start-up is not compilation
+                "first_step_s": first.seconds - first.data_wait_s, "step_s": stats.seconds / stats.steps}
 
     result: dict[str, Any] = {
         "model": model_name, "batch_size": tp.batch_size, "num_workers": tp.num_workers, "steps": steps,
@@ -179,6 +199,8 @@ def run_train_benchmark(
         "shards": str(shard_dir), "train_samples": summary.split("train").count,
     }
     result["streaming"] = streaming(rt)
+    if compiled:
+        result["streaming_compiled"] = streaming(rt, compile_model=True)
     with tempfile.TemporaryDirectory(prefix="cxr-bench-") as tmp:
         root = Path(tmp)
         export_image_folder(summary, "train", root)
@@ -186,7 +208,8 @@ def run_train_benchmark(
         net = build_model(model_name).to(rt.device)
         opt = torch.optim.Adam(net.parameters(), lr=lr)
         naive = _endless(folder_loader(root, augment=True))
-        _naive_train(net, opt, naive, class_weights, warmup, rt.device)
+        if warmup:
+            _naive_train(net, opt, naive, class_weights, warmup, rt.device)
         result["naive_fp32"] = _naive_train(net, opt, naive, class_weights, steps, rt.device)
         del naive
         if fp32_streaming:  # the streaming path in fp32 NCHW: separates precision/layout from the data path
@@ -200,6 +223,13 @@ def run_train_benchmark(
         }
     stream, base = result["streaming"]["images_per_s"], result["naive_fp32"]["images_per_s"]
     result["speedup_vs_naive"] = stream / base
-    result.update(_against_peak(result, model_name, int(summary.preprocess["size"]), rt.device))
+    result["eager_images_per_s"] = stream
+    if compiled:
+        fast = result["streaming_compiled"]
+        result["compiled_images_per_s"] = fast["images_per_s"]
+        result["compiled_vs_eager"] = fast["images_per_s"] / stream
+        # the first compiled step less what a compiled step takes once compiled: the compilation alone
+        result["compile_s"] = max(fast["first_step_s"] - fast["step_s"], 0.0)
+    result.update(_against_peak(result, model_name, int(summary.preprocess["size"]), rt, compiled and tp.compile))
     result["loader_headroom"] = result["loader_only_images_per_s"]["shards"] / stream
     return result
