@@ -122,7 +122,7 @@ def test_ood_fields_and_score_errors_pass_through(model, files):
 
     gate_model = type("Gated", (), {})()
     gate_model.__dict__.update(model.__dict__)
-    for name in ("stack", "decide", "engine"):
+    for name in ("stack", "decide", "decide_gated", "engine"):
         setattr(gate_model, name, getattr(model, name))
     gate_model.score = gated
     with TestClient(create_app(gate_model)) as c:
@@ -328,7 +328,7 @@ def test_page_in_headless_chromium_screens_an_image(model, files, tmp_path):
 
     shown = type("Shown", (), {})()
     shown.__dict__.update(model.__dict__)
-    for name in ("stack", "decide", "engine"):
+    for name in ("stack", "decide", "decide_gated", "engine"):
         setattr(shown, name, getattr(model, name))
     shown.score = score
     (tmp_path / "chest.png").write_bytes(files["a.png"])
