@@ -5,12 +5,15 @@ photo, a document, noise): the network still answers, often confidently. The gat
 network's penultimate features (the global-pooled vector the final linear layer reads) on the
 training images: PCA down to `dim` components, then a Gaussian with Ledoit-Wolf shrinkage (a
 full covariance from a few hundred images is singular). An image's score is its Mahalanobis
-distance to that Gaussian; the threshold is the `quantile` of the validation images' scores, so
+distance to that Gaussian, with one more term for how far it lies off the PCA subspace (its
+residual's squared norm over the training images' mean one): an image whose features the
+components cannot express at all, e.g. a blank one, would otherwise project near the mean and
+pass. The threshold is the `quantile` of the validation images' scores, so
 about that share of in-distribution images pass. Above it: `out_of_distribution`, still scored,
 never decided.
 
 The gate's numbers live in the checkpoint meta: `ood` (a small JSON-able summary: threshold,
-quantile, dims, counts) and `ood_params` (tensors: center, components, precision), validated on
+quantile, dims, counts) and `ood_params` (tensors: center, components, precision, residual_scale), validated on
 load. `GatedNet` computes (logit, ood_score) in one graph, so the ONNX export carries the gate as a
 second output and ONNX Runtime scores it as fast as the logit.
 """
@@ -75,17 +78,23 @@ class GatedNet(nn.Module):
         self.register_buffer("center", params["center"].float())
         self.register_buffer("components", params["components"].float())
         self.register_buffer("precision", params["precision"].float())
+        self.register_buffer("residual_scale", params["residual_scale"].float())
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         features = self.body(x)
-        return self.head(features).squeeze(-1), mahalanobis(features, self.center, self.components, self.precision)
+        score = mahalanobis(features, self.center, self.components, self.precision, self.residual_scale)
+        return self.head(features).squeeze(-1), score
 
 
-def mahalanobis(features: torch.Tensor, center: torch.Tensor, components: torch.Tensor,
-                precision: torch.Tensor) -> torch.Tensor:  # fmt: skip
-    z = (features.float() - center) @ components.T
-    # clamp: rounding can leave z'Pz a hair below 0 for an image at the centre
-    return torch.sqrt(torch.clamp(((z @ precision) * z).sum(-1), min=0.0))
+def mahalanobis(features: torch.Tensor, center: torch.Tensor, components: torch.Tensor, precision: torch.Tensor,
+                residual_scale: torch.Tensor) -> torch.Tensor:  # fmt: skip
+    """sqrt(z' P z + |r|^2 * residual_scale): z the PCA coordinates, r what the components leave out."""
+    d = features.float() - center
+    z = d @ components.T
+    r = d - z @ components
+    squared = ((z @ precision) * z).sum(-1) + (r * r).sum(-1) * residual_scale
+    # clamp: rounding can leave it a hair below 0 for an image at the centre
+    return torch.sqrt(torch.clamp(squared, min=0.0))
 
 
 def fit_gate(train_features: np.ndarray, val_features: np.ndarray, dim: int,
@@ -113,9 +122,14 @@ def fit_gate(train_features: np.ndarray, val_features: np.ndarray, dim: int,
     # PCA rows are orthonormal, so subtracting the Gaussian's location in PCA space equals
     # subtracting location @ components in feature space: one centre vector suffices.
     center = pca.mean_ + lw.location_ @ pca.components_
+    residual = train_features - pca.mean_ - z @ pca.components_
+    mean_residual = float(np.mean(np.sum(residual**2, axis=1)))
+    # one training image's residual weighs as one more unit-variance dimension; none left: no term
+    scale = 1.0 / mean_residual if mean_residual > 1e-12 else 0.0
     params = {"center": torch.tensor(center, dtype=torch.float32),
               "components": torch.tensor(pca.components_, dtype=torch.float32),
-              "precision": torch.tensor(lw.precision_, dtype=torch.float32)}  # fmt: skip
+              "precision": torch.tensor(lw.precision_, dtype=torch.float32),
+              "residual_scale": torch.tensor(scale, dtype=torch.float32)}  # fmt: skip
     val_scores = score_features(val_features, params)
     # "higher": the threshold is a validation score, so at least `quantile` of validation passes
     threshold = float(np.quantile(val_scores, quantile, method="higher"))
@@ -136,7 +150,7 @@ def fit_gate(train_features: np.ndarray, val_features: np.ndarray, dim: int,
 def score_features(features: np.ndarray, params: dict[str, torch.Tensor]) -> np.ndarray:
     with torch.inference_mode():
         return mahalanobis(torch.as_tensor(np.asarray(features, np.float32)), params["center"], params["components"],
-                           params["precision"]).double().numpy()  # fmt: skip
+                           params["precision"], params["residual_scale"]).double().numpy()  # fmt: skip
 
 
 def penultimate_features(net: ScreeningNet, batches: Iterable[torch.Tensor | np.ndarray],
@@ -186,14 +200,15 @@ def validate_gate(meta: dict[str, Any], where: str) -> None:
          f"features must be in [dim, {MAX_FEATURES}]")  # fmt: skip
     if params is None:  # an ONNX file: the gate's tensors are in its graph, checked against `dim` there
         return
-    need(isinstance(params, dict) and all(isinstance(params.get(k), torch.Tensor)
-                                          for k in ("center", "components", "precision")),
-         f"'{PARAMS_KEY}' must hold tensors center, components, precision")  # fmt: skip
-    shapes = {k: tuple(params[k].shape) for k in ("center", "components", "precision")}
-    need(shapes == {"center": (feats,), "components": (dim, feats), "precision": (dim, dim)},
+    names = ("center", "components", "precision", "residual_scale")
+    need(isinstance(params, dict) and all(isinstance(params.get(k), torch.Tensor) for k in names),
+         f"'{PARAMS_KEY}' must hold tensors {', '.join(names)}")  # fmt: skip
+    shapes = {k: tuple(params[k].shape) for k in names}
+    need(shapes == {"center": (feats,), "components": (dim, feats), "precision": (dim, dim), "residual_scale": ()},
          f"tensor shapes {shapes} do not fit dim {dim} and features {feats}")  # fmt: skip
     need(all(params[k].is_floating_point() and bool(torch.isfinite(params[k]).all()) for k in shapes),
          "tensors must be finite floats")
+    need(float(params["residual_scale"]) >= 0.0, "residual_scale must be >= 0")
 
 
 def ood_agreement(reference: np.ndarray, candidate: np.ndarray) -> dict[str, Any]:

@@ -16,6 +16,7 @@ from pipeline.commands.common import (
     BENCHMARKS,
     DEFAULT_PARAMS,
     DEFAULT_REAL_ROOT,
+    EngineOpt,
     ArchOpt,
     ParamsOpt,
     RealRootOpt,
@@ -129,6 +130,26 @@ def bench_screen(
     from train.bench.bench_screen import run_screen_benchmark
 
     echo_json(run_screen_benchmark(read_params(params), root, images, model, arch, rounds))
+
+
+@app.command("bench-ood", rich_help_panel=BENCHMARKS)
+@fail_cleanly
+def bench_ood(
+    model: Annotated[Path, typer.Option(help="Checkpoint or ONNX file whose out-of-distribution gate is measured")]
+    = Path("models/best.pt"),
+    root: Annotated[Path, typer.Option(help="COVIDx-layout root whose test split is the radiograph side")]
+    = DEFAULT_REAL_ROOT,
+    engine: EngineOpt = "auto",
+    batch_size: Annotated[int, typer.Option(help="Images per batch")] = 32,
+) -> None:
+    """Benchmark: the out-of-distribution gate on ROOT's test radiographs vs non-radiographs (skimage.data, noise, blanks).
+
+    Reads: the model, ROOT's test.txt and test images. Writes nothing; prints JSON: the gate's ROC AUC,
+    the share flagged on each side and per kind of non-radiograph.
+    """
+    from train.bench.bench_ood import run_ood_benchmark
+
+    echo_json(run_ood_benchmark(model, root, engine=engine, batch_size=batch_size))
 
 
 @app.command("bench-serve", rich_help_panel=BENCHMARKS)

@@ -20,7 +20,9 @@ import yaml
 from pipeline.errors import CxrError
 from pipeline.params import Params, load_params, params_from_dict
 from pipeline.shard_format import read_summary
-from tests.conftest import REPO, make_tiny_shards
+from tests.conftest import REPO, make_tiny_shards, synthetic_image
+from train import ood
+from train.inference import Engine
 from train.fit import epoch
 from train.checkpoint import load_checkpoint
 from train.fit.trainer import train_model
@@ -140,11 +142,25 @@ def test_select_val_auc_refuses_a_one_class_validation_split(tmp_path: Path):
 def test_training_converges_on_the_toy_with_this_cpus_precision(tmp_path: Path):
     # bf16 autocast + channels_last where the CPU has native bf16, fp32 elsewhere: either must learn
     shards = make_tiny_shards(tmp_path / "shards" / "plain", per_class={"train": 16, "val": 8, "test": 2}, size=32)
-    result = train_model(_params(epochs=2, batch_size=8, max_steps=None), shards, tmp_path / "m", tmp_path / "l",
-                         progress=False)
+    raw = _params(epochs=2, batch_size=8, max_steps=None).to_dict()
+    raw["evaluate"]["ood_dim"] = 8  # below the 31 that 32 images allow: the residual term has room to work
+    result = train_model(params_from_dict(raw), shards, tmp_path / "m", tmp_path / "l", progress=False)
     best = result["history"][result["best_epoch"] - 1]
     assert best["val_accuracy"] >= 0.9 and best["val_loss"] < 0.35
     assert result["history"][-1]["train_loss"] < result["history"][0]["train_loss"]
+    # The out-of-distribution gate, fitted on this toy's training images: about 99% of validation
+    # passes, and images unlike any toy (uniform noise, blanks) are flagged while fresh toys pass.
+    gate = result["ood"]
+    assert gate["n_train"] == 32 and gate["n_val"] == 16 and gate["dim"] == 8 and gate["val_pass_rate"] >= 0.99
+    engine = Engine(load_checkpoint(tmp_path / "m" / "best.pt"), "eager", torch.device("cpu"))
+    rng = np.random.default_rng(11)
+    unlike = np.stack([rng.integers(0, 256, (32, 32)).astype(np.uint8), np.zeros((32, 32), np.uint8),
+                       np.full((32, 32), 255, np.uint8)])  # fmt: skip
+    toys = np.stack([synthetic_image(i % 2, 32, rng) for i in range(8)])
+    _, unlike_scores = engine.probabilities_and_ood(unlike)
+    _, toy_scores = engine.probabilities_and_ood(toys)
+    assert ood.verdicts(unlike_scores, gate).all()
+    assert ood.verdicts(toy_scores, gate).mean() <= 0.25
 
 
 @pytest.mark.slow

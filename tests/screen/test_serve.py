@@ -122,7 +122,7 @@ def test_ood_fields_and_score_errors_pass_through(model, files):
 
     gate_model = type("Gated", (), {})()
     gate_model.__dict__.update(model.__dict__)
-    for name in ("stack", "decide", "engine"):
+    for name in ("stack", "decide", "decide_gated", "engine"):
         setattr(gate_model, name, getattr(model, name))
     gate_model.score = gated
     with TestClient(create_app(gate_model)) as c:
@@ -328,7 +328,7 @@ def test_page_in_headless_chromium_screens_an_image(model, files, tmp_path):
 
     shown = type("Shown", (), {})()
     shown.__dict__.update(model.__dict__)
-    for name in ("stack", "decide", "engine"):
+    for name in ("stack", "decide", "decide_gated", "engine"):
         setattr(shown, name, getattr(model, name))
     shown.score = score
     (tmp_path / "chest.png").write_bytes(files["a.png"])
@@ -362,3 +362,58 @@ def test_page_in_headless_chromium_screens_an_image(model, files, tmp_path):
             assert lines[0].startswith("path,p_covid_calibrated_at_val_prevalence,decision") and len(lines) == 3
         finally:
             browser.close()
+
+
+@pytest.mark.slow
+def test_the_gate_s_verdict_and_score_agree_in_predict_s_csv_the_api_and_the_server(tmp_path, checkpoint, files):
+    """One gated model, one set of files: `predict`'s two columns, the Python API's fields and the server's JSON
+    carry the same verdict and score; a flagged image keeps its probability but gets no decision."""
+    from train.screen.api import Screener
+    from train.screen.inputs import load_image
+    from tests.test_ood import gate_checkpoint
+
+    gated = tmp_path / "gated.pt"
+    shutil.copyfile(checkpoint, gated)
+    readable = [n for n in files if n not in ("corrupt.png", "notes.png")]
+    for name, data in files.items():
+        (tmp_path / name).write_bytes(data)
+    model = ScreeningModel.open(gated, None, False, torch.device("cpu"), "eager")
+    images = np.stack([load_image(tmp_path / n, model.config) for n in readable])
+    rng = np.random.default_rng(9)
+    fit = np.concatenate([images, rng.integers(0, 256, (5, *images.shape[1:]), dtype=np.uint8)])
+    gate_checkpoint(gated, fit)
+    scores = ScreeningModel.open(gated, None, False, torch.device("cpu"), "eager").score(images).ood_score
+    ckpt = load_checkpoint(gated)
+    # a threshold between the scores: some of these files pass, some are flagged
+    middle = float(np.sort(scores)[len(scores) // 2 - 1] + np.sort(scores)[len(scores) // 2]) / 2
+    save_checkpoint(gated, dict(ckpt.meta, ood=dict(ckpt.meta["ood"], threshold=middle)), ckpt.state_dict)
+
+    summary = predict([str(tmp_path / n) for n in files], checkpoint=gated, out_csv=tmp_path / "p.csv",
+                      batch_size=4, workers=1, device=torch.device("cpu"), engine="eager", progress=False)  # fmt: skip
+    import csv
+
+    with open(tmp_path / "p.csv", newline="") as fh:
+        rows = {Path(r["path"]).name: r for r in csv.DictReader(fh)}
+    flagged = {n for n in readable if rows[n]["out_of_distribution"] == "true"}
+    assert 0 < len(flagged) < len(readable) and summary.out_of_distribution == len(flagged)
+    assert summary.positive + summary.negative + summary.out_of_distribution + summary.failed == len(files)
+    api = {Path(r.path).name: r for r in Screener(gated, device="cpu", engine="eager").predict(
+        [str(tmp_path / n) for n in files], batch_size=4)}  # fmt: skip
+    with TestClient(create_app(ScreeningModel.open(gated, None, False, torch.device("cpu"), "eager"))) as client:
+        response = client.post("/v1/screen", files=upload(*files.items()))
+    served = {r["filename"]: r for r in response.json()["results"]}
+    for name, score in zip(readable, scores):
+        row = rows[name]
+        assert float(row["ood_score"]) == pytest.approx(score, rel=1e-6)
+        assert (name in flagged) == (score > middle)
+        assert row["p_covid_calibrated_at_val_prevalence"] != ""  # still scored
+        assert row["decision"] == ("" if name in flagged else ("positive" if float(
+            row["p_covid_calibrated_at_val_prevalence"]) >= float(row["threshold"]) else "negative"))  # fmt: skip
+        for got in (served[name], {"out_of_distribution": api[name].out_of_distribution,
+                                   "ood_score": api[name].ood_score, "decision": api[name].decision}):  # fmt: skip
+            assert got["out_of_distribution"] is (name in flagged)
+            assert got["ood_score"] == pytest.approx(score, rel=1e-6)
+            assert got["decision"] == (row["decision"] or None)
+    for name in ("corrupt.png", "notes.png"):  # unreadable: no verdict at all, never a fake false
+        assert rows[name]["out_of_distribution"] == rows[name]["ood_score"] == ""
+        assert served[name]["out_of_distribution"] is None and api[name].out_of_distribution is None

@@ -90,6 +90,11 @@ class Screener:
         return self._model.engine
 
     @property
+    def ood_gate(self) -> dict[str, Any] | None:
+        """The out-of-distribution gate's summary (threshold, quantile, dims), None for a model without one."""
+        return self._model.ood_gate
+
+    @property
     def meta(self) -> dict[str, Any]:
         """Everything the artifact says about itself: network, variant, init, preprocessing, params."""
         return self._model.meta
