@@ -19,6 +19,7 @@ from __future__ import annotations
 import os
 import re
 import stat
+import sys
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath, PureWindowsPath
 
@@ -34,7 +35,7 @@ _LINE = re.compile(r"^(.+?)[ \t]+([^ \t]+)[ \t]+([^ \t]+)[ \t]+([^ \t]+)$", re.D
 _CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # ingest holds one per image: no per-instance __dict__
 class LabelLine:
     line_no: int
     patient_id: str
@@ -81,7 +82,8 @@ def parse_line(text: str, line_no: int) -> LabelLine | LabelReject:
     safe = safe_relative_name(filename)
     if safe is None:
         return LabelReject(line_no, text, f"unsafe filename {filename!r}: escapes the dataset root")
-    return LabelLine(line_no, patient_id, safe, label, source)
+    # a patient's images and a source's thousands of lines share one string each
+    return LabelLine(line_no, sys.intern(patient_id), safe, label, sys.intern(source))
 
 
 def parse_label_bytes(data: bytes) -> tuple[list[LabelLine], list[LabelReject]]:

@@ -28,7 +28,7 @@ import numpy as np
 
 from pipeline.dicom import image_file_header
 from pipeline.errors import CxrError
-from pipeline.fileio import atomic_write_text
+from pipeline.fileio import atomic_output, atomic_write_text
 from pipeline.imageio import Header, ImageRejected
 from pipeline.labels import LabelLine, open_inside, parse_label_file
 from pipeline.params import DataParams
@@ -58,12 +58,21 @@ class ManifestEntry:
     format: str | None = None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # one per image until the manifest is written: no __dict__
 class _Hashed:
     line: LabelLine
     sha256: str
     bytes: int
-    header: Header | None  # stored size and format (Fig. 1), None when the header is unreadable
+    # stored size and format (Fig. 1), None when the header is unreadable; the Header itself is not kept
+    width: int | None
+    height: int | None
+    format: str | None
+
+    @classmethod
+    def of(cls, line: LabelLine, sha256: str, size: int, header: Header | None) -> _Hashed:
+        if header is None:
+            return cls(line, sha256, size, None, None, None)
+        return cls(line, sha256, size, header.width, header.height, header.format)
 
 
 def hash_inside(root: Path, relative: str) -> tuple[str, int, Header | None] | str:
@@ -146,7 +155,7 @@ def _hash_split(root: Path, split: str, label_file: str, unique: list[LabelLine]
             reason = f"duplicate image in {label_file}: same content (sha256) as line {first.line_no} ({first.filename})"
         else:
             by_hash[hashed[0]] = line
-            kept.append(_Hashed(line, *hashed))
+            kept.append(_Hashed.of(line, *hashed))
             continue
         rejects.append({"split": split, "line": line.line_no, "filename": line.filename, "reason": reason})
     progress.close()
@@ -275,58 +284,56 @@ def build_manifest(
         _write_failed(report_path, report, rejects, str(exc))
         raise
 
-    lines = {split: [h.line for h in parsed[split]] for split in present}
-    hashed = {(folder, h.line.line_no): h for folder in present for h in parsed[folder]}
-    patients = {split: {line.patient_id for line in lines[split]} for split in present}
+    patients = {split: {h.line.patient_id for h in parsed[split]} for split in present}
     label_overlap = {
         f"{a}/{b}": sorted(patients[a] & patients[b])
         for i, a in enumerate(present)
         for b in present[i + 1 :]
         if patients[a] & patients[b]
     }
-    assigned: dict[str, list[tuple[str, LabelLine]]] = defaultdict(list)
+    # (folder, hashed line) per split: what the manifest lines are written from, one at a time
+    assigned: dict[str, list[tuple[str, _Hashed]]] = defaultdict(list)
     if "val" in present:
         for split in present:
-            assigned[split] = [(split, line) for line in lines[split]]
+            assigned[split] = [(split, h) for h in parsed[split]]
         val_patients: set[str] = set()
     else:
-        val_patients = carve_validation(lines["train"], val_fraction, seed, exclude=patients["test"])
-        for line in lines["train"]:
-            assigned["val" if line.patient_id in val_patients else "train"].append(("train", line))
-        assigned["test"] = [("test", line) for line in lines["test"]]
+        val_patients = carve_validation([h.line for h in parsed["train"]], val_fraction, seed, exclude=patients["test"])
+        for h in parsed["train"]:
+            assigned["val" if h.line.patient_id in val_patients else "train"].append(("train", h))
+        assigned["test"] = [("test", h) for h in parsed["test"]]
+    del parsed
 
-    entries = []
-    for split in SPLITS:
-        for idx, (folder, line) in enumerate(assigned.get(split, [])):
-            h = hashed[(folder, line.line_no)]
-            entries.append(ManifestEntry(key=f"{split}_{idx:06d}", split=split, path=f"{folder}/{line.filename}",
-                                         label=line.label, patient_id=line.patient_id, source=line.source,
-                                         filename=line.filename, sha256=h.sha256, bytes=h.bytes,
-                                         width=h.header.width if h.header else None,
-                                         height=h.header.height if h.header else None,
-                                         format=h.header.format if h.header else None))  # fmt: skip
-
-    counts = {
-        split: dict(Counter(CLASS_NAMES[e.label] for e in entries if e.split == split)) for split in SPLITS
-    }
+    accepted = sum(len(v) for v in assigned.values())
+    counts = {split: dict(Counter(CLASS_NAMES[h.line.label] for _, h in assigned.get(split, []))) for split in SPLITS}
     report |= {
-        "accepted": len(entries),
+        "accepted": accepted,
         "counts": counts,
         "val_source": files["val"] if "val" in present else f"carved from train by patient ({val_fraction:.0%}, seed {seed})",
         "val_patients": len(val_patients) if "val" not in present else len(patients["val"]),
         "label_file_patient_overlap": {k: {"count": len(v), "patients": v[:50]} for k, v in label_overlap.items()},
         "cross_split_duplicate_images": sum(1 for leak in leak_pairs if leak["sha256"]),
     }
-    if len(entries) + len(rejects) != total_lines:  # the no-silent-drop invariant
-        raise CxrError(f"accounting error: {len(entries)} accepted + {len(rejects)} rejected != {total_lines} lines")
+    if accepted + len(rejects) != total_lines:  # the no-silent-drop invariant
+        raise CxrError(f"accounting error: {accepted} accepted + {len(rejects)} rejected != {total_lines} lines")
     check_reject_fraction(rejects, total_lines, data.max_reject_fraction, "label lines", root,
                           lambda message: _write_failed(report_path, report, rejects, message))  # fmt: skip
-    atomic_write_text(manifest_path, "".join(json.dumps(asdict(e), sort_keys=True) + "\n" for e in entries))
+    with atomic_output(manifest_path) as out:  # a line at a time: the whole text was ~0.8 kB per image at once
+        for split in SPLITS:
+            for idx, (folder, h) in enumerate(assigned.get(split, [])):
+                out.write((json.dumps(asdict(_entry(split, idx, folder, h)), sort_keys=True) + "\n").encode("utf-8"))
     atomic_write_text(report_path, json.dumps(report | _rejects(rejects), indent=1, sort_keys=True) + "\n")
     return {k: report[k] for k in ("root", "lines", "accepted", "counts", "val_source", "leak_count")} | {
         "reject_count": len(rejects),
         "label_file_patient_overlap": {k: v["count"] for k, v in report["label_file_patient_overlap"].items()},
     }
+
+
+def _entry(split: str, idx: int, folder: str, h: _Hashed) -> ManifestEntry:
+    line = h.line
+    return ManifestEntry(key=f"{split}_{idx:06d}", split=split, path=f"{folder}/{line.filename}", label=line.label,
+                         patient_id=line.patient_id, source=line.source, filename=line.filename, sha256=h.sha256,
+                         bytes=h.bytes, width=h.width, height=h.height, format=h.format)  # fmt: skip
 
 
 def _rejects(rejects: list[dict[str, Any]]) -> dict[str, Any]:

@@ -27,6 +27,26 @@ from pipeline.params import Params
 HUGE_SIDE = 12000
 
 
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status", encoding="ascii") as fh:
+        for line in fh:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise CxrError(f"/proc/self/status has no {field} (Linux only)")
+
+
+def reset_peak_rss() -> int:
+    """Set this process's peak RSS (VmHWM) back to its RSS now (Linux >= 4.0); that RSS in bytes."""
+    with open("/proc/self/clear_refs", "w", encoding="ascii") as fh:
+        fh.write("5")
+    return _status_kib("VmRSS") * 1024
+
+
+def own_peak_rss() -> int:
+    """This process's peak RSS (VmHWM) in bytes since it started or since `reset_peak_rss`."""
+    return _status_kib("VmHWM") * 1024
+
+
 def _children() -> dict[int, list[int]]:
     tree: dict[int, list[int]] = {}
     for entry in os.listdir("/proc"):

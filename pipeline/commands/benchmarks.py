@@ -243,12 +243,15 @@ def bench_scale_stage(
     shards: Annotated[Path, typer.Option(help="Shard variant directory")] = Path("shards/equalized"),
     manifest: Annotated[Path, typer.Option(help="Manifest (metrics: its test split)")] = Path("data/manifest.jsonl"),
     report: Annotated[Optional[Path], typer.Option(help="Also write the result here (JSON)")] = None,
+    repeat: Annotated[int, typer.Option(help="metrics: evaluate the test split this many times over (new patients "
+                                             "each copy)")] = 1,
     params: ParamsOpt = DEFAULT_PARAMS,
 ) -> None:
     """One model-side stage of bench-scale in its own process (its peak RSS measured from outside).
 
     Reads: SHARDS (loader, first-step) or MANIFEST's test split (metrics), params. Writes REPORT if given;
-    prints what the stage did (first-step: also the disk its workspace holds unshared).
+    prints what the stage did (first-step: also the disk its workspace holds unshared; metrics: its
+    own peak RSS from after its imports, and the RSS it started from).
     """
     import json
 
@@ -258,11 +261,19 @@ def bench_scale_stage(
     if stage == "loader":
         result = stages.loader_pass(shards, p.train, p.seed)
     elif stage == "metrics":
+        from pipeline.bench.bench_memory import own_peak_rss, reset_peak_rss
         from pipeline.manifest import iter_manifest
 
+        if repeat < 1:
+            raise CxrError(f"bench-scale-stage: --repeat must be at least 1, got {repeat}")
+        # torch and the rest are imported by now: what follows is the part that can grow with the test split
+        start = reset_peak_rss()
         test = [e for e in iter_manifest(manifest) if e.split == "test"]
-        result = stages.metrics_pass([e.label for e in test], [e.patient_id for e in test], [e.source for e in test],
+        # each copy's patients are new patients, so the patient bootstrap grows with the copies too
+        patients = [e.patient_id if r == 0 else f"{e.patient_id}#{r}" for r in range(repeat) for e in test]
+        result = stages.metrics_pass([e.label for e in test] * repeat, patients, [e.source for e in test] * repeat,
                                      p.evaluate, p.seed)  # fmt: skip
+        result |= {"rss_at_start_bytes": start, "peak_rss_bytes": own_peak_rss()}
     elif stage == "first-step":
         result = stages.first_step(shards, p.train, p.seed, Path.cwd())
     else:

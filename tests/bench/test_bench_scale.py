@@ -13,6 +13,7 @@ import pytest
 
 from pipeline.bench.bench_scale import (
     CXR4_IMAGES,
+    METRICS_REPEAT,
     STAGES,
     _snapshot,
     best_of,
@@ -88,10 +89,26 @@ def test_ratios_and_the_cxr4_line_come_from_the_measured_sizes():
     assert s["time_vs_linear_ratio"] is None  # needs three sizes
     # a stage measured faster at the larger size (noise) is projected level, never below what was measured
     assert stage_summary([_size(100, 10.0), _size(400, 9.0)])["projected_cxr4"]["seconds"] == 10.0
-    # growth and projection follow the two largest sizes, past a one-off step at the smallest
+    # time follows the two largest sizes, past a one-off step at the smallest
     three = stage_summary([_size(100, 1.0, 90e6), _size(400, 2.0, 96e6), _size(1600, 3.0, 96.1e6)])
-    assert three["rss_growth_bytes_per_image"] == pytest.approx(0.1e6 / 1200)
-    assert three["projected_cxr4"]["peak_rss_bytes"] == pytest.approx(96e6 + 0.1e6 / 1200 * (CXR4_IMAGES - 400))
+    assert three["projected_cxr4"]["seconds"] == pytest.approx(2.0 + 1.0 / 1200 * (CXR4_IMAGES - 400))
+
+
+def test_rss_growth_is_the_least_squares_slope_over_all_sizes():
+    # the metrics stage's run of issue 23: a 34 MiB dip at the middle size, which the two largest
+    # sizes alone turned into 45 kB per image
+    mib = 2**20
+    s = stage_summary([_size(200, 1.0, 921.5 * mib), _size(800, 1.0, 887.5 * mib), _size(1600, 1.0, 922.0 * mib)])
+    xs, ys = np.array([200, 800, 1600]), np.array([921.5, 887.5, 922.0]) * mib
+    expected = np.polyfit(xs, ys, 1)[0]
+    assert s["rss_growth_bytes_per_image"] == pytest.approx(expected) and expected < (922.0 - 887.5) * mib / 800 / 10
+    assert s["projected_cxr4"]["peak_rss_bytes"] == pytest.approx(922.0 * mib + expected * (CXR4_IMAGES - 1600))
+    # another basis (the metrics stage: test images evaluated, its own peak) is fitted the same way
+    by = [_size(n, 1.0) | {"evaluated_images": 2 * n, "own": 1e6 + 300.0 * 2 * n} for n in (100, 400, 1600)]
+    own = stage_summary(by, x="evaluated_images", rss="own", cxr4=8000)
+    assert own["rss_growth_bytes_per_image"] == pytest.approx(300.0) and own["rss_growth_per"] == "test image evaluated"
+    # projected from the largest size's peak as measured outside, at `cxr4` test images evaluated
+    assert own["projected_cxr4"]["peak_rss_bytes"] == pytest.approx(100e6 + 300.0 * (8000 - 3200))
 
 
 def test_the_line_through_the_two_smallest_sizes_sees_through_start_up_costs():
@@ -150,3 +167,7 @@ def test_bench_scale_json_holds_every_stage_with_ratios_of_its_own_figures(tmp_p
     copy, linked = (result["stages"][k]["by_size"][1]["disk_written_bytes"] for k in ("exp_setup_copy", "exp_setup"))
     assert linked < copy
     assert {a["aim"].split(":")[0] for a in result["aims"]} == set(STAGES)
+    # the metrics stage evaluated its test split METRICS_REPEAT times over and measured its own peak
+    metrics = result["stages"]["metrics"]
+    assert [b["evaluated_images"] for b in metrics["by_size"]] == [4 * METRICS_REPEAT, 8 * METRICS_REPEAT]
+    assert all(0 < b["own_peak_rss_bytes"] < b["peak_rss_bytes"] for b in metrics["by_size"])
