@@ -95,7 +95,7 @@ def export_onnx(
         seconds = time.perf_counter() - start
         bar.update()
         bar.set_postfix_str("checking onnxruntime against PyTorch")
-        session = onnx_session(tmp, providers=["CPUExecutionProvider"], input_size=size)
+        session = onnx_session(tmp, providers=["CPUExecutionProvider"], input_size=size, outputs=outputs)
         verification = verify(model, session, size, verify_images, tolerance)
         if gated is not None:
             verification["ood"] = verify_gate(gated, session, size, verify_images)
@@ -279,21 +279,28 @@ def _write_with_metadata(graph: Path, meta: dict[str, Any], out_path: Path) -> N
 
 
 def onnx_session(
-    path: Path | str, threads: int | None = None, providers: list[str] | None = None, input_size: int | None = None
+    path: Path | str, threads: int | None = None, providers: list[str] | None = None, input_size: int | None = None,
+    outputs: tuple[str, ...] | None = None,
 ) -> ort.InferenceSession:
     """An onnxruntime session: CUDA when the installed onnxruntime has it, else CPU.
 
     `threads`: intra-op threads (None or 0: onnxruntime's default, one per core).
     The file is held to the project's graph contract (train/onnx_contract.py) first, against
     `input_size`, or the size in its metadata when None, and probed once the session exists.
+    `outputs`: the graph's outputs, or (None) those its metadata promises.
     """
     path = Path(path)
     if not path.is_file():
         raise CxrError(f"ONNX model not found: {path}")
     proto = load_graph(path)
+    raw_meta = {p.key: p.value for p in proto.metadata_props}.get(META_KEY)
+    meta = _parse_meta(raw_meta, path) if raw_meta is not None or input_size is None else {}
     if input_size is None:
-        input_size = int(_parse_meta({p.key: p.value for p in proto.metadata_props}.get(META_KEY), path)["input_size"])
-    check_graph(proto, path, input_size, INPUT_NAME, OUTPUT_NAME)
+        input_size = int(meta["input_size"])
+    # the graph must have exactly the outputs its metadata promises: the logit, and the gate's score if gated
+    if outputs is None:
+        outputs = (OUTPUT_NAME, ood.OUTPUT_NAME) if meta.get(ood.SUMMARY_KEY) is not None else (OUTPUT_NAME,)
+    check_graph(proto, path, input_size, INPUT_NAME, outputs)
     del proto  # VGG16's weights: not held twice while onnxruntime reads them
     options = ort.SessionOptions()
     if threads:
@@ -305,13 +312,18 @@ def onnx_session(
         session = ort.InferenceSession(str(path), sess_options=options, providers=providers)
     except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph/... types
         raise CxrError(f"cannot load ONNX model {path}: {exc}") from exc
-    probe(session, input_size, INPUT_NAME, OUTPUT_NAME, f"ONNX model {path}")
+    probe(session, input_size, INPUT_NAME, outputs, f"ONNX model {path}")
     return session
 
 
 def onnx_meta(session: ort.InferenceSession, path: Path | str = "<onnx>") -> dict[str, Any]:
     """The checkpoint meta stored at export (see module docstring)."""
-    return _parse_meta(session.get_modelmeta().custom_metadata_map.get(META_KEY), path)
+    meta = _parse_meta(session.get_modelmeta().custom_metadata_map.get(META_KEY), path)
+    outputs = [o.name for o in session.get_outputs()]
+    if meta.get(ood.SUMMARY_KEY) is not None and (len(outputs) < 2 or outputs[1] != ood.OUTPUT_NAME):
+        raise CxrError(f"{path}: its metadata has an out-of-distribution gate but the graph has no "
+                       f"'{ood.OUTPUT_NAME}' output (outputs: {outputs})")  # fmt: skip
+    return meta
 
 
 def _parse_meta(raw: str | None, path: Path | str) -> dict[str, Any]:
@@ -328,10 +340,6 @@ def _parse_meta(raw: str | None, path: Path | str) -> dict[str, Any]:
     if not (isinstance(sha, str) and len(sha) == 64 and all(c in "0123456789abcdef" for c in sha)):
         raise CxrError(f"{path}: '{META_KEY}' metadata: checkpoint_sha256 must be 64 hex digits")
     validate_meta(meta, str(path))
-    outputs = [o.name for o in session.get_outputs()]
-    if meta.get(ood.SUMMARY_KEY) is not None and (len(outputs) < 2 or outputs[1] != ood.OUTPUT_NAME):
-        raise CxrError(f"{path}: its metadata has an out-of-distribution gate but the graph has no "
-                       f"'{ood.OUTPUT_NAME}' output (outputs: {outputs})")  # fmt: skip
     return meta
 
 

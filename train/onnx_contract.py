@@ -3,7 +3,8 @@
 An ONNX file is an artifact handed to `predict --onnx`, the API and the server; it is checked
 against the project's contract before a session is created, and each violation is one line:
 - one input, float32 (batch, 1, S, S) with S the metadata's input size and the batch dynamic;
-  one output, float32 (batch,): one logit per image;
+  one output, float32 (batch,): one logit per image; a model with an out-of-distribution gate
+  (train/ood.py) has the gate's score as a second output of the same shape, and no other;
 - only the operators the project's exporter emits for its five networks (`EXPORTED_OPS`), so no
   control flow, no custom domains, nothing that builds shapes the exporter never builds;
 - weights (initializers and Constant tensors) at most `MAX_TENSOR_BYTES` in total, and every
@@ -38,6 +39,8 @@ EXPORTED_OPS = frozenset(
         "Relu", "Reshape", "Resize", "Shape", "Squeeze", "Sub",
         # the TorchScript fallback adds these
         "Constant", "Flatten", "GlobalAveragePool", "Identity", "Slice",
+        # the out-of-distribution gate's score (train/ood.py: a Mahalanobis distance)
+        "MatMul", "Mul", "ReduceSum", "Sqrt", "Clip", "Max", "Transpose",
     )
 )  # fmt: skip
 MAX_TENSOR_BYTES = 2 * 2**30  # VGG16, the largest network, holds ~540 MB of weights
@@ -57,11 +60,14 @@ def load_graph(path: Path) -> onnx.ModelProto:
         raise CxrError(f"cannot load ONNX model {path}: {type(exc).__name__}: {exc}") from None
 
 
-def check_graph(proto: onnx.ModelProto, path: Path, size: int, input_name: str, output_name: str) -> None:
-    """Refuse the model at `path` unless its graph keeps the project's contract (see the module docstring)."""
+def check_graph(proto: onnx.ModelProto, path: Path, size: int, input_name: str, output_names: tuple[str, ...]) -> None:
+    """Refuse the model at `path` unless its graph keeps the project's contract (see the module docstring).
+
+    `output_names`: the outputs the metadata promises, in order (the logit, then the gate's score if any).
+    """
     where = f"ONNX model {path}"
     graph = proto.graph
-    _check_io(graph, size, input_name, output_name, where)
+    _check_io(graph, size, input_name, output_names, where)
     _check_ops(proto, where)
     constants = _constants(graph)
     _check_shapes(graph, constants, where)
@@ -75,15 +81,15 @@ def _dims(value: onnx.ValueInfoProto) -> list[int | str | None]:
     return [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in shape.dim]
 
 
-def _check_io(graph: onnx.GraphProto, size: int, input_name: str, output_name: str, where: str) -> None:
+def _check_io(graph: onnx.GraphProto, size: int, input_name: str, output_names: tuple[str, ...], where: str) -> None:
     weights = {t.name for t in graph.initializer}
     inputs = [i for i in graph.input if i.name not in weights]
     if [i.name for i in inputs] != [input_name]:
         raise CxrError(f"{where}: inputs {[i.name for i in inputs]}, expected exactly one named {input_name!r}")
-    if [o.name for o in graph.output] != [output_name]:
-        raise CxrError(f"{where}: outputs {[o.name for o in graph.output]}, expected exactly one named {output_name!r}")
-    given, made = inputs[0], graph.output[0]
-    for value, want in ((given, 4), (made, 1)):
+    if [o.name for o in graph.output] != list(output_names):
+        raise CxrError(f"{where}: outputs {[o.name for o in graph.output]}, expected exactly {list(output_names)}")
+    given = inputs[0]
+    for value, want in ((given, 4), *((made, 1) for made in graph.output)):
         kind = value.type.WhichOneof("value")
         elem = value.type.tensor_type.elem_type if kind == "tensor_type" else None
         if elem != onnx.TensorProto.FLOAT:
@@ -181,14 +187,18 @@ def _external_bytes(path: Path, tensor: onnx.TensorProto, where: str) -> int:
     return length
 
 
-def probe(session, size: int, input_name: str, output_name: str, where: str) -> None:
-    """Two black images must give two finite float logits: the graph keeps one logit per image."""
+def probe(session, size: int, input_name: str, output_names: tuple[str, ...], where: str) -> None:
+    """Two black images must give two finite float values per output: one logit (and gate score) per image."""
     try:
-        out = session.run([output_name], {input_name: np.zeros((2, 1, size, size), np.float32)})[0]
+        outs = session.run(list(output_names), {input_name: np.zeros((2, 1, size, size), np.float32)})
     except Exception as exc:  # onnxruntime's own Fail/RuntimeException types
         raise CxrError(f"{where}: a batch of two images fails: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}") from None
-    out = np.asarray(out)
-    if out.shape != (2,):
-        raise CxrError(f"{where}: a batch of two images gives output shape {out.shape}, expected (2,): one logit per image")
-    if out.dtype != np.float32 or not np.isfinite(out).all():
-        raise CxrError(f"{where}: a batch of two black images gives {out.dtype} {out.tolist()}, expected finite float32 logits")
+    for name, out in zip(output_names, outs):
+        out = np.asarray(out)
+        what = "logit" if name == output_names[0] else f"{name!r}"
+        if out.shape != (2,):
+            raise CxrError(f"{where}: a batch of two images gives output shape {out.shape}, expected (2,): "
+                           f"one {what} per image")  # fmt: skip
+        if out.dtype != np.float32 or not np.isfinite(out).all():
+            raise CxrError(f"{where}: a batch of two black images gives {out.dtype} {out.tolist()}, "
+                           f"expected finite float32 values of {what}")  # fmt: skip
