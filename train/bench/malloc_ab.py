@@ -29,7 +29,8 @@ def _child(model_name: str, batch: int, steps: int, tune: bool) -> dict:
 
     from train.runtime import tune_glibc_malloc
 
-    note = tune_glibc_malloc() if tune else "glibc defaults"
+    preload = os.environ.get("LD_PRELOAD")
+    note = tune_glibc_malloc() if tune else f"LD_PRELOAD={preload}" if preload else "glibc defaults"
     torch.manual_seed(0)
     model = getattr(torchvision.models, model_name)(num_classes=2).to(memory_format=torch.channels_last)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
