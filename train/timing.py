@@ -36,7 +36,7 @@ def cpu_model_name() -> str:
 
 
 def allocator_name() -> str:
-    """tcmalloc/jemalloc when preloaded: glibc malloc halves batched CPU throughput here."""
+    """tcmalloc/jemalloc when preloaded, else "system" (glibc, tuned by train.runtime on CPU)."""
     try:
         maps = Path("/proc/self/maps").read_text()
     except OSError:

@@ -145,8 +145,8 @@ def train(
     init it started from), OUT/last.pt (every epoch; a rerun with the same params and data resumes from it),
     LIVE/metrics.json and LIVE/plots/. Multi-process:
     `torchrun --nproc_per_node N -m pipeline.cli train` (DDP; NCCL on GPUs, gloo on CPU).
-    On CPU, LD_PRELOAD=/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4 (Debian libtcmalloc-minimal4)
-    avoids glibc malloc's page-fault stalls on large batches; it is not preloaded automatically.
+    On CPU, start-up raises glibc malloc's mmap/trim thresholds against page-fault stalls on large
+    batches; LD_PRELOAD of tcmalloc (Debian libtcmalloc-minimal4) is optional and about as fast.
     """
     from train.fit.trainer import train_model
 
