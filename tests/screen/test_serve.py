@@ -268,7 +268,7 @@ def raw_post(port: int, headers: str, chunks, limit_s: float = 30) -> bytes:
         # A server that refuses on the head alone answers before any body byte is sent, so its close
         # cannot reset the connection over unread body bytes (which would drop the answer).
         if select.select([sock], [], [], 1.0)[0]:
-            return sock.recv(65536)
+            return read_answer(sock)
         for chunk in chunks:
             if select.select([sock], [], [], 0)[0]:  # an answer is waiting: stop sending
                 break
@@ -276,10 +276,29 @@ def raw_post(port: int, headers: str, chunks, limit_s: float = 30) -> bytes:
                 sock.sendall(chunk)
             except OSError:  # the server answered and closed while we sent
                 break
-        try:
-            return sock.recv(65536)
-        except OSError:
-            return b""
+        return read_answer(sock)
+
+
+def read_answer(sock: socket.socket) -> bytes:
+    """The whole answer: its head, then Content-Length bytes of body (one recv may hold only the head)."""
+    answer = b""
+    try:
+        while b"\r\n\r\n" not in answer:
+            chunk = sock.recv(65536)
+            if not chunk:
+                return answer
+            answer += chunk
+        head, _, body = answer.partition(b"\r\n\r\n")
+        length = next((int(line.split(b":", 1)[1]) for line in head.split(b"\r\n")
+                       if line.lower().startswith(b"content-length:")), 0)  # fmt: skip
+        while len(body) < length:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            body += chunk
+        return head + b"\r\n\r\n" + body
+    except OSError:
+        return answer
 
 
 @pytest.mark.slow
