@@ -245,7 +245,18 @@ def test_a_nan_on_one_ddp_rank_stops_both_at_the_same_step_with_the_weights_of_s
     driver.write_text(DDP_DRIVER)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(driver)]
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    run = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    # torchrun's standalone rendezvous and gloo's connect can stall on a loaded 2-core machine (one of
+    # two CI runs failed here): a launch that dies or stalls is tried once more; what the ranks
+    # report is never retried.
+    for attempt in (1, 2):
+        try:
+            run = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=150)
+        except subprocess.TimeoutExpired as exc:
+            if attempt == 2:
+                raise AssertionError(f"torchrun stalled twice: {str(exc.stdout)[-2000:]} {str(exc.stderr)[-2000:]}") from None
+            continue
+        if run.returncode == 0 or attempt == 2:
+            break
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     results = sorted((json.loads(line[len("RESULT "):]) for line in run.stdout.splitlines()
                       if line.startswith("RESULT ")), key=lambda r: r["rank"])
