@@ -89,6 +89,35 @@ def test_train_stream_gives_exact_full_batches_and_is_seeded(tiny_shards: Path):
     assert _keys(batches) != _keys(_train(summary, seed=4))
 
 
+def _children(pid: int) -> set[int]:
+    found: set[int] = set()
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        found |= {int(c) for c in (task / "children").read_text().split()}
+    return found
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="reads the process tree from Linux's /proc")
+@pytest.mark.parametrize("stream", ["train", "eval"])
+def test_loader_workers_are_not_forks_of_the_trainer(tiny_shards: Path, stream: str):
+    # A forked worker shares the trainer's heap copy-on-write and made the first
+    # step of every epoch 2-3x slower; workers must come from the forkserver.
+    import os
+
+    summary = read_summary(tiny_shards)
+    before = _children(os.getpid())
+    if stream == "train":
+        batches = iter(train_batches(summary, batch_size=4, steps=6, num_workers=2, shuffle_buffer=8, seed=1, epoch=0))
+    else:
+        batches = iter(eval_batches(summary, "train", batch_size=4, num_workers=2))
+    next(batches)  # the workers run now
+    ours = Path("/proc/self/cmdline").read_bytes()
+    new = {pid: Path(f"/proc/{pid}/cmdline").read_bytes() for pid in _children(os.getpid()) - before}
+    assert not [pid for pid, cmd in new.items() if cmd == ours], "a loader worker was forked from this process"
+    servers = [pid for pid in _children(os.getpid()) if b"forkserver" in Path(f"/proc/{pid}/cmdline").read_bytes()]
+    assert sum(len(_children(s)) for s in servers) >= 2  # the two workers, forked from the forkserver
+    list(batches)
+
+
 def test_train_stream_cycles_shards_and_shuffles_samples(tiny_shards: Path):
     summary = read_summary(tiny_shards)
     count = summary.split("train").count  # 16 samples in 2 shards
