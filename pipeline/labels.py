@@ -16,10 +16,12 @@ of the whole file.
 
 from __future__ import annotations
 
+import io
 import os
 import re
 import stat
 import sys
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath, PureWindowsPath
 
@@ -88,11 +90,18 @@ def parse_line(text: str, line_no: int) -> LabelLine | LabelReject:
 
 def parse_label_bytes(data: bytes) -> tuple[list[LabelLine], list[LabelReject]]:
     """Every non-blank line, either parsed or rejected with its reason and 1-based line number."""
-    if data.startswith(BOM):
-        data = data[len(BOM) :]
+    return _parse_lines(io.BytesIO(data))
+
+
+def _parse_lines(raw_lines: Iterable[bytes]) -> tuple[list[LabelLine], list[LabelReject]]:
+    # Binary lines end at b"\n" only; one at a time, so a label file of 85k lines is never also
+    # held whole, as bytes and as a list of line copies, beside the lines parsed from it.
     lines: list[LabelLine] = []
     rejects: list[LabelReject] = []
-    for line_no, raw in enumerate(data.split(b"\n"), start=1):
+    for line_no, raw in enumerate(raw_lines, start=1):
+        if line_no == 1 and raw.startswith(BOM):
+            raw = raw[len(BOM) :]
+        raw = raw[:-1] if raw.endswith(b"\n") else raw
         raw = raw[:-1] if raw.endswith(b"\r") else raw
         try:
             text = raw.decode("utf-8", errors="strict")
@@ -123,10 +132,9 @@ def parse_label_file(path: Path) -> tuple[list[LabelLine], list[LabelReject]]:
     fd, _ = opened
     try:
         with os.fdopen(fd, "rb") as fh:
-            data = fh.read()
+            return _parse_lines(fh)
     except OSError as exc:
         raise CxrError(f"cannot read label file {path}: {exc.strerror or exc}") from None
-    return parse_label_bytes(data)
 
 
 def open_inside(root: Path, relative: str) -> tuple[int, os.stat_result] | str:

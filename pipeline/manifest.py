@@ -15,12 +15,15 @@ comparable; drop: reject the train/val copy, test stays whole; fail: stop).
 from __future__ import annotations
 
 import hashlib
+import heapq
 import json
 import os
-from collections import Counter, defaultdict
+import sys
+from array import array
+from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -58,25 +61,68 @@ class ManifestEntry:
     format: str | None = None
 
 
-@dataclass(frozen=True, slots=True)  # one per image until the manifest is written: no __dict__
-class _Hashed:
-    line: LabelLine
-    sha256: str
-    bytes: int
-    # stored size and format (Fig. 1), None when the header is unreadable; the Header itself is not kept
-    width: int | None
-    height: int | None
-    format: str | None
+@dataclass(slots=True)
+class _Kept:
+    """One label file's lines whose image was read, with each image's content and header figures in columns.
 
-    @classmethod
-    def of(cls, line: LabelLine, sha256: str, size: int, header: Header | None) -> _Hashed:
-        if header is None:
-            return cls(line, sha256, size, None, None, None)
-        return cls(line, sha256, size, header.width, header.height, header.format)
+    Ingest holds every image's until the manifest is written. With an object per image (a 64-character
+    hex digest, three ints) and a (folder, line) tuple, its traced peak grew 633 bytes an image
+    (tracemalloc, 2,000 against 8,000 images); with these columns (32 bytes of digest, 24 of figures,
+    a shared format string) and no dict keyed by every image, 273, most of it the label lines.
+    """
+
+    lines: list[LabelLine] = field(default_factory=list)
+    digests: bytearray = field(default_factory=bytearray)  # sha256, 32 bytes a line
+    figures: array = field(default_factory=lambda: array("q"))  # file size, width, height a line; -1: no header
+    formats: list[str | None] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.lines)
+
+    def add(self, line: LabelLine, digest: bytes, size: int, header: Header | None) -> None:
+        self.lines.append(line)
+        self.digests += digest
+        # stored size and format (Fig. 1), None when the header is unreadable; the Header itself is not kept
+        self.figures.extend((size, -1, -1) if header is None else (size, header.width, header.height))
+        self.formats.append(None if header is None else sys.intern(header.format))
+
+    def sha256(self, i: int) -> str:
+        return self.digests[32 * i : 32 * i + 32].hex()
+
+    def digest_array(self) -> np.ndarray:
+        """The digests as one 32-byte value each (a copy: a view would pin the bytearray's size)."""
+        return np.frombuffer(bytes(self.digests), dtype="V32")
+
+    def select(self, keep: np.ndarray) -> _Kept:
+        """The lines where the boolean mask `keep` is true, in order."""
+        rows = np.flatnonzero(keep)
+        figures = np.frombuffer(self.figures, dtype=np.int64).reshape(-1, 3)[rows]
+        return _Kept([self.lines[i] for i in rows], bytearray(self.digest_array()[rows].tobytes()),
+                     array("q", figures.tobytes()), [self.formats[i] for i in rows])  # fmt: skip
+
+    def entry(self, split: str, idx: int, folder: str, i: int) -> ManifestEntry:
+        line = self.lines[i]
+        size, width, height = self.figures[3 * i : 3 * i + 3]
+        return ManifestEntry(key=f"{split}_{idx:06d}", split=split, path=f"{folder}/{line.filename}", label=line.label,
+                             patient_id=line.patient_id, source=line.source, filename=line.filename,
+                             sha256=self.sha256(i), bytes=size, width=None if width < 0 else width,
+                             height=None if height < 0 else height, format=self.formats[i])  # fmt: skip
 
 
-def hash_inside(root: Path, relative: str) -> tuple[str, int, Header | None] | str:
-    """(sha256, size, header) of root/relative read through `open_inside`, or the reason it was refused.
+def _first_alike(digests: np.ndarray) -> np.ndarray:
+    """For each digest, the index of its first occurrence: a stable sort, not a dict keyed by every image."""
+    if not len(digests):
+        return np.zeros(0, dtype=np.int64)
+    order = np.argsort(digests, kind="stable")
+    ranked = digests[order]
+    starts = np.flatnonzero(np.r_[True, ranked[1:] != ranked[:-1]])
+    first = np.empty(len(digests), dtype=np.int64)
+    first[order] = np.repeat(order[starts], np.diff(np.r_[starts, len(digests)]))
+    return first
+
+
+def hash_inside(root: Path, relative: str) -> tuple[bytes, int, Header | None] | str:
+    """(sha256 digest, size, header) of root/relative read through `open_inside`, or the reason it was refused.
 
     The header is read without decoding; an unreadable one is None here and a
     reject with its reason in the shard stage.
@@ -96,7 +142,7 @@ def hash_inside(root: Path, relative: str) -> tuple[str, int, Header | None] | s
         header = image_file_header(Path(os.path.realpath(Path(root) / relative)))
     except ImageRejected:
         header = None
-    return digest.hexdigest(), info.st_size, header
+    return digest.digest(), info.st_size, header
 
 
 def carve_validation(lines: list[LabelLine], fraction: float, seed: int, exclude: set[str]) -> set[str]:
@@ -139,27 +185,28 @@ def _parse_split(root: Path, split: str, label_file: str, rejects: list[dict[str
 
 
 def _hash_split(root: Path, split: str, label_file: str, unique: list[LabelLine], pool: ThreadPoolExecutor,
-                rejects: list[dict[str, Any]], show_progress: bool) -> list[_Hashed]:  # fmt: skip
+                rejects: list[dict[str, Any]], show_progress: bool) -> _Kept:  # fmt: skip
     """The lines whose image (under ROOT/<split>/) is readable and not a content duplicate within the file."""
-    kept: list[_Hashed] = []
-    by_hash: dict[str, LabelLine] = {}
+    kept = _Kept()
+    refused: list[dict[str, Any]] = []
     # 32 files in flight keep the (at most 8) hashing threads busy without a future per image
     results = bounded_map(pool, lambda l: hash_inside(root, f"{split}/{l.filename}"), unique, ahead=32)
     progress = Progress(len(unique), f"ingest {split}", enabled=show_progress)
     for line, hashed in zip(unique, results):
         progress.update()
         if isinstance(hashed, str):
-            reason = hashed
-        elif hashed[0] in by_hash:
-            first = by_hash[hashed[0]]
-            reason = f"duplicate image in {label_file}: same content (sha256) as line {first.line_no} ({first.filename})"
+            refused.append({"split": split, "line": line.line_no, "filename": line.filename, "reason": hashed})
         else:
-            by_hash[hashed[0]] = line
-            kept.append(_Hashed.of(line, *hashed))
-            continue
-        rejects.append({"split": split, "line": line.line_no, "filename": line.filename, "reason": reason})
+            kept.add(line, *hashed)
     progress.close()
-    return kept
+    first = _first_alike(kept.digest_array())
+    copies = np.flatnonzero(first != np.arange(len(kept)))
+    duplicates = [{"split": split, "line": kept.lines[i].line_no, "filename": kept.lines[i].filename,
+                   "reason": f"duplicate image in {label_file}: same content (sha256) as line "
+                             f"{kept.lines[first[i]].line_no} ({kept.lines[first[i]].filename})"}
+                  for i in copies]  # fmt: skip
+    rejects += heapq.merge(refused, duplicates, key=lambda r: r["line"])  # in line order, as the file reads
+    return kept.select(first == np.arange(len(kept))) if duplicates else kept
 
 
 def label_files(root: Path, data: DataParams) -> dict[str, str]:
@@ -193,30 +240,43 @@ def found_table(files: dict[str, str], lines: dict[str, list[LabelLine]], val_ca
     return "\n".join(rows)
 
 
-def find_leaks(parsed: dict[str, list[_Hashed]]) -> list[dict[str, Any]]:
-    """Every pair of lines in different label files that name the same image (path or content)."""
+def find_leaks(parsed: dict[str, _Kept]) -> list[dict[str, Any]]:
+    """Every pair of lines in different label files that name the same image (path or content).
+
+    Within a label file content and name are unique by now, so each line of a later file meets at
+    most one line of an earlier one; content is matched in sorted digests, names in a set of the
+    later file's, so no dict is keyed by every image of the largest file.
+    """
     leaks = []
     splits = list(parsed)
     for i, a in enumerate(splits):
-        names = {h.line.filename: h for h in parsed[a]}
-        hashes = {h.sha256: h for h in parsed[a]}
+        ka = parsed[a]
+        digests = ka.digest_array()
+        order = np.argsort(digests)
+        ranked = digests[order]
         for b in splits[i + 1 :]:
-            for h in parsed[b]:
-                other = hashes.get(h.sha256)
-                if other is not None:
-                    leaks.append(_leak(a, other, b, h, "same content (sha256)"))
-                elif h.line.filename in names:  # same name, different bytes: still worth a look
-                    leaks.append(_leak(a, names[h.line.filename], b, h, "same filename"))
+            kb = parsed[b]
+            theirs = kb.digest_array()
+            at = np.minimum(np.searchsorted(ranked, theirs), max(0, len(ranked) - 1))
+            same = ranked[at] == theirs if len(ranked) else np.zeros(len(kb), dtype=bool)
+            wanted = {line.filename for line in kb.lines}
+            named = {line.filename: n for n, line in enumerate(ka.lines) if line.filename in wanted}
+            for j, line in enumerate(kb.lines):
+                if same[j]:
+                    leaks.append(_leak(a, ka, int(order[at[j]]), b, kb, j, "same content (sha256)"))
+                elif line.filename in named:  # same name, different bytes: still worth a look
+                    leaks.append(_leak(a, ka, named[line.filename], b, kb, j, "same filename"))
     return leaks
 
 
-def _leak(a: str, x: _Hashed, b: str, y: _Hashed, why: str) -> dict[str, Any]:
-    return {"why": why, a: {"line": x.line.line_no, "filename": x.line.filename, "patient_id": x.line.patient_id},
-            b: {"line": y.line.line_no, "filename": y.line.filename, "patient_id": y.line.patient_id},
-            "splits": [a, b], "sha256": y.sha256 if why.startswith("same content") else None}  # fmt: skip
+def _leak(a: str, ka: _Kept, i: int, b: str, kb: _Kept, j: int, why: str) -> dict[str, Any]:
+    x, y = ka.lines[i], kb.lines[j]
+    return {"why": why, a: {"line": x.line_no, "filename": x.filename, "patient_id": x.patient_id},
+            b: {"line": y.line_no, "filename": y.filename, "patient_id": y.patient_id},
+            "splits": [a, b], "sha256": kb.sha256(j) if why.startswith("same content") else None}  # fmt: skip
 
 
-def _apply_leak_policy(parsed: dict[str, list[_Hashed]], leaks: list[dict[str, Any]], policy: str,
+def _apply_leak_policy(parsed: dict[str, _Kept], leaks: list[dict[str, Any]], policy: str,
                        rejects: list[dict[str, Any]]) -> None:  # fmt: skip
     if policy not in LEAK_POLICIES:
         raise CxrError(f"data.leaks must be one of {list(LEAK_POLICIES)}, got {policy!r}")
@@ -229,17 +289,18 @@ def _apply_leak_policy(parsed: dict[str, list[_Hashed]], leaks: list[dict[str, A
                        f"{a}/{first[a]['filename']} and {b}/{first[b]['filename']} ({first['why']})")  # fmt: skip
     # drop: the copy in the earlier split (train before val before test) goes, so test stays whole
     drop = {(leak["splits"][0], leak[leak["splits"][0]]["line"]): leak for leak in leaks}
-    for split in parsed:
-        keep = []
-        for h in parsed[split]:
-            leak = drop.get((split, h.line.line_no))
+    for split, kept in parsed.items():
+        keep = np.ones(len(kept), dtype=bool)
+        for i, line in enumerate(kept.lines):
+            leak = drop.get((split, line.line_no))
             if leak is None:
-                keep.append(h)
                 continue
+            keep[i] = False
             other = leak["splits"][1]
             reason = f"leak dropped (data.leaks: drop): {leak['why']} as {other}/{leak[other]['filename']}"
-            rejects.append({"split": split, "line": h.line.line_no, "filename": h.line.filename, "reason": reason})
-        parsed[split] = keep
+            rejects.append({"split": split, "line": line.line_no, "filename": line.filename, "reason": reason})
+        if not keep.all():
+            parsed[split] = kept.select(keep)
 
 
 def build_manifest(
@@ -270,7 +331,7 @@ def build_manifest(
         total_lines += count
     if announce is not None:
         announce(found_table(files, named, "val" not in files))
-    parsed: dict[str, list[_Hashed]] = {}
+    parsed: dict[str, _Kept] = {}
     with ThreadPoolExecutor(max_workers=min(8, (os.cpu_count() or 1) * 2)) as pool:  # hashing is I/O + GIL-free
         for split, name in files.items():
             rejects += line_rejects[split]
@@ -284,33 +345,36 @@ def build_manifest(
         _write_failed(report_path, report, rejects, str(exc))
         raise
 
-    patients = {split: {h.line.patient_id for h in parsed[split]} for split in present}
-    label_overlap = {
-        f"{a}/{b}": sorted(patients[a] & patients[b])
-        for i, a in enumerate(present)
-        for b in present[i + 1 :]
-        if patients[a] & patients[b]
-    }
-    # (folder, hashed line) per split: what the manifest lines are written from, one at a time
-    assigned: dict[str, list[tuple[str, _Hashed]]] = defaultdict(list)
+    # patient sets of the later label files only (present[0] is train, the largest): train is walked
+    later = {split: {line.patient_id for line in parsed[split].lines} for split in present[1:]}
+    label_overlap = {}
+    for i, a in enumerate(present):
+        for b in present[i + 1 :]:
+            shared = sorted({line.patient_id for line in parsed[a].lines if line.patient_id in later[b]})
+            if shared:
+                label_overlap[f"{a}/{b}"] = shared
+    # split -> (its images' folder, the label file's kept lines, which of them): the folder is the
+    # label file's, and carved val is a selection of train's lines, not a second copy of them
+    assigned: dict[str, tuple[str, _Kept, np.ndarray]]
     if "val" in present:
-        for split in present:
-            assigned[split] = [(split, h) for h in parsed[split]]
-        val_patients: set[str] = set()
+        assigned = {split: (split, parsed[split], np.arange(len(parsed[split]))) for split in present}
+        val_patients = later["val"]
     else:
-        val_patients = carve_validation([h.line for h in parsed["train"]], val_fraction, seed, exclude=patients["test"])
-        for h in parsed["train"]:
-            assigned["val" if h.line.patient_id in val_patients else "train"].append(("train", h))
-        assigned["test"] = [("test", h) for h in parsed["test"]]
-    del parsed
+        train = parsed["train"]
+        val_patients = carve_validation(train.lines, val_fraction, seed, exclude=later["test"])
+        in_val = np.fromiter((line.patient_id in val_patients for line in train.lines), dtype=bool, count=len(train))
+        assigned = {"train": ("train", train, np.flatnonzero(~in_val)), "val": ("train", train, np.flatnonzero(in_val)),
+                    "test": ("test", parsed["test"], np.arange(len(parsed["test"])))}  # fmt: skip
+    del parsed, later
 
-    accepted = sum(len(v) for v in assigned.values())
-    counts = {split: dict(Counter(CLASS_NAMES[h.line.label] for _, h in assigned.get(split, []))) for split in SPLITS}
+    accepted = sum(len(rows) for _, _, rows in assigned.values())
+    counts = {split: dict(Counter(CLASS_NAMES[kept.lines[i].label] for i in rows))
+              for split, (_, kept, rows) in ((s, assigned[s]) for s in SPLITS)}  # fmt: skip
     report |= {
         "accepted": accepted,
         "counts": counts,
         "val_source": files["val"] if "val" in present else f"carved from train by patient ({val_fraction:.0%}, seed {seed})",
-        "val_patients": len(val_patients) if "val" not in present else len(patients["val"]),
+        "val_patients": len(val_patients),
         "label_file_patient_overlap": {k: {"count": len(v), "patients": v[:50]} for k, v in label_overlap.items()},
         "cross_split_duplicate_images": sum(1 for leak in leak_pairs if leak["sha256"]),
     }
@@ -320,20 +384,14 @@ def build_manifest(
                           lambda message: _write_failed(report_path, report, rejects, message))  # fmt: skip
     with atomic_output(manifest_path) as out:  # a line at a time: the whole text was ~0.8 kB per image at once
         for split in SPLITS:
-            for idx, (folder, h) in enumerate(assigned.get(split, [])):
-                out.write((json.dumps(asdict(_entry(split, idx, folder, h)), sort_keys=True) + "\n").encode("utf-8"))
+            folder, kept, rows = assigned[split]
+            for idx, i in enumerate(rows):
+                out.write((json.dumps(asdict(kept.entry(split, idx, folder, int(i))), sort_keys=True) + "\n").encode("utf-8"))
     atomic_write_text(report_path, json.dumps(report | _rejects(rejects), indent=1, sort_keys=True) + "\n")
     return {k: report[k] for k in ("root", "lines", "accepted", "counts", "val_source", "leak_count")} | {
         "reject_count": len(rejects),
         "label_file_patient_overlap": {k: v["count"] for k, v in report["label_file_patient_overlap"].items()},
     }
-
-
-def _entry(split: str, idx: int, folder: str, h: _Hashed) -> ManifestEntry:
-    line = h.line
-    return ManifestEntry(key=f"{split}_{idx:06d}", split=split, path=f"{folder}/{line.filename}", label=line.label,
-                         patient_id=line.patient_id, source=line.source, filename=line.filename, sha256=h.sha256,
-                         bytes=h.bytes, width=h.width, height=h.height, format=h.format)  # fmt: skip
 
 
 def _rejects(rejects: list[dict[str, Any]]) -> dict[str, Any]:

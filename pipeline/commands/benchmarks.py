@@ -204,7 +204,7 @@ def bench_scale(
     ] = "200,800,1600",
     min_side: Annotated[int, typer.Option(help="Shortest long side of a generated image, px (real downloads: 1000)")] = 512,
     max_side: Annotated[int, typer.Option(help="Longest long side of a generated image, px (real downloads: 4000)")] = 1024,
-    rounds: Annotated[int, typer.Option(help="Runs of each stage at each size; the least time, RSS and disk are kept")] = 2,
+    rounds: Annotated[int, typer.Option(help="Runs of each stage at each size (3x for a stage under 5 s); the least time, RSS and disk are kept")] = 2,
     json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of the table")] = False,
     dvc_config: Annotated[Path, typer.Option(help="The DVC config whose cache link type the queued experiment uses")] = Path(
         ".dvc/config"

@@ -14,11 +14,14 @@ import pytest
 from pipeline.bench.bench_scale import (
     CXR4_IMAGES,
     METRICS_REPEAT,
+    SHORT_STAGE_ROUNDS,
+    SHORT_STAGE_S,
     STAGES,
     _snapshot,
     best_of,
     check_aims,
     generate_dataset,
+    repeated,
     split_sizes,
     stage_summary,
     written_bytes,
@@ -128,6 +131,17 @@ def test_best_of_repeated_runs_keeps_the_least_of_each_figure():
     runs = [_size(100, 9.0, 120e6, 5), _size(100, 7.0, 130e6, 5), _size(100, 8.0, 110e6, 6)]
     assert best_of(runs) == {"images": 100, "seconds": 7.0, "peak_rss_bytes": 110e6, "disk_written_bytes": 5,
                              "rounds": 3}  # fmt: skip
+
+
+def test_a_short_stage_runs_more_rounds_than_a_long_one():
+    def run_of(seconds, made):  # each run a little faster than the one before
+        return lambda: made.append(_size(100, seconds - 0.01 * len(made))) or made[-1]
+
+    short, long = [], []
+    best = repeated(run_of(SHORT_STAGE_S / 2, short), rounds=2)
+    repeated(run_of(SHORT_STAGE_S * 2, long), rounds=2)
+    assert len(short) == 2 * SHORT_STAGE_ROUNDS and len(long) == 2
+    assert best["rounds"] == len(short) and best["seconds"] == short[-1]["seconds"]  # the least, from an extra round
 
 
 def test_aims_flag_what_misses():
