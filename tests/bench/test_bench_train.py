@@ -42,10 +42,12 @@ def test_benchmark_times_both_trainers_and_the_loaders(tmp_path):
     assert result["eager_images_per_s"] == result["streaming"]["images_per_s"]
     assert result["compiled_images_per_s"] == result["streaming_compiled"]["images_per_s"]
     assert result["compiled_vs_eager"] == pytest.approx(result["compiled_images_per_s"] / result["eager_images_per_s"])
-    # compiling AlexNet's forward and backward takes seconds; a compiled step, milliseconds
+    # compiling AlexNet's forward and backward takes seconds, a compiled step milliseconds; with
+    # Inductor's on-disk cache warm from an earlier run the first step still loads and checks the
+    # graphs (1.6 s against a 0.2 s step measured so), so only "clearly slower" is asserted
     compiled = result["streaming_compiled"]
     assert result["compile_s"] == pytest.approx(compiled["first_step_s"] - compiled["step_s"])
-    assert result["compile_s"] > 10 * compiled["step_s"]
+    assert result["compile_s"] > 2 * compiled["step_s"]
     assert compiled["first_step_s"] > result["streaming"]["first_step_s"]
     # params.yaml trains eager (train.compile false), in the precision this CPU trains in
     assert not PARAMS.train.compile and result["peak_share_path"] == "streaming"
