@@ -46,7 +46,8 @@ def test_paths_must_include_eager_and_be_known():
 
 
 @pytest.mark.slow
-def test_latency_cli_writes_the_report(tmp_path):
+def test_latency_cli_writes_the_report(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))  # the ONNX cache predict and evaluate share
     torch.manual_seed(0)
     net = build_model("densenet121")
     ckpt = tmp_path / "best.pt"
@@ -84,6 +85,15 @@ def test_latency_cli_writes_the_report(tmp_path):
     assert report["cpu_fastest_ms_per_image"] == min(p["ms_per_image"] for p in report["cpu_paths"].values())
     assert report["cpu_model"] and report["torch_version"] == torch.__version__
     assert len(report["checkpoint_sha256"]) == 64
+    # ONNX Runtime timed the checkpoint's file in the cache, where predict and evaluate find it
+    assert report["onnx_graph"] == "the checkpoint's, from the ONNX cache"
+    assert (tmp_path / "cache" / "cxr-screen" / "onnx" / f"{report['checkpoint_sha256']}.onnx").is_file()
+    # a second run takes it from there: nothing is exported again
+    monkeypatch.setattr("train.export.export_graph", lambda *a, **k: pytest.fail("exported again"))
+    monkeypatch.setattr(latency, "export_graph", lambda *a, **k: pytest.fail("exported again"))
+    again = CliRunner().invoke(app, ["latency", "--model", str(ckpt), "--out", str(out), "--params", str(params)])
+    assert again.exit_code == 0, again.output
+    assert json.loads(out.read_text())["cpu_paths"]["onnxruntime"]["correct"]
     if not torch.cuda.is_available():
         assert report["gpu_ms_per_image"] is None and "CUDA" in report["gpu_note"]
     else:
