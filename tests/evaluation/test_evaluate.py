@@ -22,7 +22,7 @@ from pipeline.params import load_params
 from pipeline.shard_format import read_summary
 from tests.conftest import REPO, make_tiny_shards
 from train.checkpoint import load_checkpoint, make_meta, save_checkpoint
-from train.evaluation.evaluate import evaluate_shards
+from train.evaluation.evaluate import ImageFacts, evaluate_shards
 from train.models import build_model
 
 MODEL = "densenet121"  # the smallest checkpoint of the five (7M parameters)
@@ -324,3 +324,39 @@ def test_a_second_evaluate_on_the_same_plots_is_refused_before_scoring_and_repla
     assert result.exit_code == 1 and "another run is writing" in result.output, result.output
     assert len(result.output.strip().splitlines()) == 1
     assert out.read_text() == '{"first": true}\n' and not (tmp_path / "m" / "pred.csv").exists()
+
+
+def test_image_facts_keep_the_three_fields_evaluation_reads_as_the_dicts_had_them():
+    metas = [{"source": "cohen", "patient_id": "p1", "filename": "a.png", "extra": [1, 2]},
+             {"patient_id": None, "filename": "b.png"},  # no source; an explicit None stays None
+             {}]  # fmt: skip
+    facts = ImageFacts(metas[:1])
+    facts.extend(metas[1:])
+    assert len(facts) == 3
+    assert list(facts) == [{"source": "cohen", "patient_id": "p1", "filename": "a.png"},
+                           {"patient_id": None, "filename": "b.png"}, {}]  # fmt: skip
+    assert facts[-1] == {} and facts[1:] == [facts[1], facts[2]]
+    with pytest.raises(IndexError):
+        facts[3]
+
+
+def test_image_facts_hold_a_few_list_slots_per_image_not_a_dict():
+    import tracemalloc
+
+    n = 20_000
+    # the strings exist already (as the shards' decoded JSON has them); what is measured is the holding
+    names = [f"image-{i:06d}.png" for i in range(n)]
+    patients = [f"patient-{i // 2}" for i in range(n)]
+
+    def held(build) -> float:
+        tracemalloc.start()
+        before = tracemalloc.get_traced_memory()[0]
+        kept = build()
+        grown = tracemalloc.get_traced_memory()[0] - before
+        tracemalloc.stop()
+        del kept
+        return grown / n
+
+    dicts = held(lambda: [{"source": "cohen", "patient_id": p, "filename": f} for p, f in zip(patients, names)])
+    facts = held(lambda: ImageFacts({"source": "cohen", "patient_id": p, "filename": f} for p, f in zip(patients, names)))
+    assert facts < 40 < 150 < dicts, (facts, dicts)  # 3 slots of 8 bytes (+ list growth) against a dict each

@@ -18,7 +18,7 @@ from pipeline.params import EvaluateParams, TrainParams
 from pipeline.shard_format import audit_shards, read_summary
 from train import metrics
 from train.data import train_batches
-from train.evaluation.evaluate import Predictions, split_report
+from train.evaluation.evaluate import ImageFacts, Predictions, split_report
 
 
 def loader_pass(shards: Path, train: TrainParams, seed: int) -> dict[str, Any]:
@@ -43,7 +43,7 @@ def metrics_pass(labels: list[int], patients: list[str], sources: list[str], par
     rng = np.random.default_rng(seed)
     raw = 1.0 / (1.0 + np.exp(-(rng.normal(size=len(y)) + 1.5 * (2 * y - 1))))
     pred = Predictions(keys=[f"k{i}" for i in range(len(y))], labels=y, probs=raw, raw=raw,
-                       meta=[{"patient_id": p, "source": s} for p, s in zip(patients, sources)])  # fmt: skip
+                       meta=ImageFacts({"patient_id": p, "source": s} for p, s in zip(patients, sources)))  # fmt: skip
     threshold = metrics.choose_threshold(y, raw, params.threshold_rule, params.target_sensitivity)["value"]
     report = split_report(pred, threshold, params, seed)
     return {"images": int(len(y)), "patients": report["n_patients"], "roc_auc": report["roc_auc"]}
