@@ -246,7 +246,7 @@ def generate_sample(out_dir: Path, sample: SampleParams, seed: int, style: str =
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     try:
         # each image is a pure function of its plan and the seed; numpy and OpenCV release the GIL
-        # for most of the drawing and encoding, so two threads did 128 images in 1.9 s instead of 3.3
+        # for most of the drawing and encoding: `cxr sample` (128 images, 2 cores) took 3.3 s instead of 6.5
         with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
             for split in SPLITS:
                 (tmp / split).mkdir()
