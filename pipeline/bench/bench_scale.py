@@ -60,11 +60,15 @@ RSS_GROWTH_AIM = 512  # bytes per image
 # run-to-run noise unless the images evaluated number thousands more at the largest size.
 METRICS_REPEAT = 20
 CXR4_TEST_IMAGES = 8_482
-# A stage whose best run takes under SHORT_STAGE_S runs SHORT_STAGE_ROUNDS times the rounds: the
-# second or so that other jobs on a shared machine add now and then is half of a 2-second stage's
-# time (ingest's "vs line" read 0.71 in one run and 1.30 in the next, same code) but not of a minute's.
-SHORT_STAGE_S = 5.0
-SHORT_STAGE_ROUNDS = 3
+# Each stage repeats at each size until its runs add up to MEASURED_S seconds (at least --rounds runs,
+# at most MAX_ROUNDS), and the least of each figure is kept. A fixed count was not enough: the second
+# or so that other jobs on a shared machine add now and then is a quarter of a 4-second stage's run,
+# and a slow run at the smallest size tilts the line through the two smallest sizes (shard_plain's
+# "vs line" read 1.24 with the best of 2 runs at 200 images at 25.8 ms/img, 0.91-1.10 in runs where
+# that size's best was 17.4-19.3 ms/img). A time budget gives the short runs, where noise weighs
+# most, the most tries, and costs a long stage nothing extra.
+MEASURED_S = 30.0
+MAX_ROUNDS = 8
 SOURCE_ROOT = Path(pipeline.__file__).resolve().parents[1]
 
 
@@ -150,11 +154,11 @@ def best_of(runs: list[dict[str, Any]]) -> dict[str, Any]:
     return {key: min(r[key] for r in runs) for key in runs[0]} | {"rounds": len(runs)}
 
 
-def repeated(run: Callable[[], dict[str, Any]], rounds: int) -> dict[str, Any]:
-    """best_of `rounds` runs of `run`, SHORT_STAGE_ROUNDS times as many when the best took under SHORT_STAGE_S."""
+def repeated(run: Callable[[], dict[str, Any]], rounds: int, measured_s: float) -> dict[str, Any]:
+    """best_of `rounds` runs of `run`, then of more (up to MAX_ROUNDS) until the runs add up to `measured_s` seconds."""
     runs = [run() for _ in range(rounds)]
-    if min(r["seconds"] for r in runs) < SHORT_STAGE_S:
-        runs += [run() for _ in range(rounds * (SHORT_STAGE_ROUNDS - 1))]
+    while len(runs) < MAX_ROUNDS and sum(r["seconds"] for r in runs) < measured_s:
+        runs.append(run())
     return best_of(runs)
 
 
@@ -244,9 +248,9 @@ def _own(name: str, work: Path) -> dict[str, Any]:
 
 
 def measure_size(images: int, work: Path, params: Params, dvc_config: Path, *, seed: int, min_side: int,
-                 max_side: int, workers: int, rounds: int) -> dict[str, Any]:  # fmt: skip
+                 max_side: int, workers: int, rounds: int, measured_s: float) -> dict[str, Any]:  # fmt: skip
     """Every stage of STAGES on one generated dataset in the empty folder `work`, each the best of `rounds` runs
-    (of more where a stage is short: `repeated`)."""
+    or more (`repeated`; a queued experiment's setup exactly `rounds`, each one a new experiment)."""
     env = environment()
     _repository(work, params, dvc_config, env)
     counts = generate_dataset(work / "raw", images, seed, min_side, max_side, workers)
@@ -263,12 +267,12 @@ def measure_size(images: int, work: Path, params: Params, dvc_config: Path, *, s
                     str(METRICS_REPEAT), "--report", "metrics_stage.json", *common],
         "figures": [*cli, "figures", *data, "--shards", "shards", "--out", "figures"],
     }  # fmt: skip
-    stages = {name: repeated(lambda: measure(name, cmd, work, env) | _own(name, work), rounds)
+    stages = {name: repeated(lambda: measure(name, cmd, work, env) | _own(name, work), rounds, measured_s)
               for name, cmd in commands.items()}  # fmt: skip
     dvc = [sys.executable, "-m", "dvc"]
     _run([*dvc, "commit", "-f", "-q", "ingest", "shard@plain", "shard@equalized"], work, env)
     _commit(work, env, "pipeline outputs committed")
-    stages["dvc_status"] = repeated(lambda: measure("dvc_status", [*dvc, "status"], work, env), rounds)
+    stages["dvc_status"] = repeated(lambda: measure("dvc_status", [*dvc, "status"], work, env), rounds, measured_s)
     # Before: DVC's default link type on a file system without reflinks (a full copy per experiment).
     _run([*dvc, "config", "cache.type", "copy"], work, env)
     _commit(work, env, "cache.type copy")
@@ -355,7 +359,7 @@ def summarize(sizes: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
 
 
 def run_scale_benchmark(params: Params, sizes: list[int], dvc_config: Path, *, min_side: int, max_side: int,
-                        workers: int, rounds: int = 2) -> dict[str, Any]:  # fmt: skip
+                        workers: int, rounds: int = 2, measured_s: float = MEASURED_S) -> dict[str, Any]:  # fmt: skip
     """Measure every stage at each size (ascending, at least two); see the module docstring."""
     if len(sizes) < 2 or sorted(set(sizes)) != list(sizes):
         raise CxrError(f"bench-scale: give at least two distinct sizes in ascending order, got {sizes}")
@@ -363,13 +367,16 @@ def run_scale_benchmark(params: Params, sizes: list[int], dvc_config: Path, *, m
         raise CxrError(f"bench-scale: {dvc_config} not found (run from the repository root)")
     if rounds < 1:
         raise CxrError(f"bench-scale: rounds must be at least 1, got {rounds}")
+    if not measured_s >= 0:
+        raise CxrError(f"bench-scale: the seconds measured per stage must be 0 or more, got {measured_s}")
     if shutil.which("git") is None:
         raise CxrError("bench-scale: git is needed (DVC experiments run from git commits)")
     measured = []
     for images in sizes:
         with tempfile.TemporaryDirectory(prefix=f"cxr-bench-scale-{images}-") as tmp:
             measured.append(measure_size(images, Path(tmp), params, dvc_config, seed=params.seed, min_side=min_side,
-                                         max_side=max_side, workers=workers, rounds=rounds))  # fmt: skip
+                                         max_side=max_side, workers=workers, rounds=rounds,
+                                         measured_s=measured_s))  # fmt: skip
     stages = summarize(measured)
     return {
         "sizes": [m["images"] for m in measured],
@@ -377,6 +384,7 @@ def run_scale_benchmark(params: Params, sizes: list[int], dvc_config: Path, *, m
         "long_side_px": [min_side, max_side],
         "cpus": os.cpu_count(),
         "rounds": rounds,
+        "measured_s": measured_s,
         "stages": stages,
         "aims": check_aims(stages),
     }
@@ -394,7 +402,7 @@ def table(result: dict[str, Any]) -> str:
     """The human-readable report: one row per stage, then the aims."""
     n = result["sizes"]
     head = (["stage"] + [f"ms/img @{x}" for x in n] + ["ratio", "vs line"] + [f"RSS MiB @{x}" for x in n] + ["ratio", "B/img"]
-            + [f"disk MiB @{x}" for x in n] + [f"CXR-4 time", "CXR-4 RSS MiB"])  # fmt: skip
+            + [f"disk MiB @{x}" for x in n] + [f"CXR-4 time", "CXR-4 RSS MiB", "runs"])  # fmt: skip
     rows = [head]
     for name, s in result["stages"].items():
         by = s["by_size"]
@@ -404,11 +412,12 @@ def table(result: dict[str, Any]) -> str:
                     + [_mib(b["peak_rss_bytes"]) for b in by]
                     + [f"{s['peak_rss_ratio']:.2f}", f"{s['rss_growth_bytes_per_image']:.0f}"]
                     + [f"{b['disk_written_bytes'] / 2**20:.1f}" for b in by]
-                    + [_duration(s["projected_cxr4"]["seconds"]), _mib(s["projected_cxr4"]["peak_rss_bytes"])])  # fmt: skip
+                    + [_duration(s["projected_cxr4"]["seconds"]), _mib(s["projected_cxr4"]["peak_rss_bytes"])]
+                    + ["/".join(str(b["rounds"]) for b in by)])  # fmt: skip
     widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
     lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows]
-    lines.append(f"best of {result['rounds']} runs per stage ({result['rounds'] * SHORT_STAGE_ROUNDS} for one under "
-                 f"{SHORT_STAGE_S:.0f} s); sizes {n} images (test {result['test_images']}), long side {result['long_side_px'][0]}-"
+    lines.append(f"least over {result['rounds']} runs of each stage at each size, or more (up to {MAX_ROUNDS}) until "
+                 f"they add up to {result['measured_s']:.0f} s (column runs, per size); sizes {n} images (test {result['test_images']}), long side {result['long_side_px'][0]}-"
                  f"{result['long_side_px'][1]} px, {result['cpus']} CPUs; ratio = largest size over smallest; vs line = "
                  f"time at the largest size over the line through the two smallest; B/img = peak RSS growth per image, "
                  f"least squares over all sizes (metrics: its own peak above its imports, per test image evaluated, "

@@ -204,7 +204,9 @@ def bench_scale(
     ] = "200,800,1600",
     min_side: Annotated[int, typer.Option(help="Shortest long side of a generated image, px (real downloads: 1000)")] = 512,
     max_side: Annotated[int, typer.Option(help="Longest long side of a generated image, px (real downloads: 4000)")] = 1024,
-    rounds: Annotated[int, typer.Option(help="Runs of each stage at each size (3x for a stage under 5 s); the least time, RSS and disk are kept")] = 2,
+    rounds: Annotated[int, typer.Option(help="Least runs of each stage at each size; the least time, RSS and disk are kept")] = 2,
+    measured_s: Annotated[float, typer.Option(help="More runs (up to 8) until a stage's runs at a size add up to this many "
+                                              "seconds, so short runs, where noise weighs most, get the most; 0: exactly --rounds")] = 30.0,
     json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of the table")] = False,
     dvc_config: Annotated[Path, typer.Option(help="The DVC config whose cache link type the queued experiment uses")] = Path(
         ".dvc/config"
@@ -229,7 +231,7 @@ def bench_scale(
     except ValueError:
         raise CxrError(f"--sizes: comma-separated integers expected, got {sizes!r}") from None
     result = run_scale_benchmark(read_params(params), counts, dvc_config, min_side=min_side, max_side=max_side,
-                                 workers=os.cpu_count() or 1, rounds=rounds)  # fmt: skip
+                                 workers=os.cpu_count() or 1, rounds=rounds, measured_s=measured_s)  # fmt: skip
     if json_out:
         echo_json(result)
     else:

@@ -14,8 +14,7 @@ import pytest
 from pipeline.bench.bench_scale import (
     CXR4_IMAGES,
     METRICS_REPEAT,
-    SHORT_STAGE_ROUNDS,
-    SHORT_STAGE_S,
+    MAX_ROUNDS,
     STAGES,
     _snapshot,
     best_of,
@@ -133,14 +132,17 @@ def test_best_of_repeated_runs_keeps_the_least_of_each_figure():
                              "rounds": 3}  # fmt: skip
 
 
-def test_a_short_stage_runs_more_rounds_than_a_long_one():
+def test_runs_repeat_until_they_add_up_to_the_measured_seconds():
     def run_of(seconds, made):  # each run a little faster than the one before
         return lambda: made.append(_size(100, seconds - 0.01 * len(made))) or made[-1]
 
-    short, long = [], []
-    best = repeated(run_of(SHORT_STAGE_S / 2, short), rounds=2)
-    repeated(run_of(SHORT_STAGE_S * 2, long), rounds=2)
-    assert len(short) == 2 * SHORT_STAGE_ROUNDS and len(long) == 2
+    short, long, tiny, exact = [], [], [], []
+    best = repeated(run_of(4.0, short), rounds=2, measured_s=30.0)
+    repeated(run_of(20.0, long), rounds=2, measured_s=30.0)
+    repeated(run_of(0.5, tiny), rounds=2, measured_s=30.0)
+    repeated(run_of(0.5, exact), rounds=3, measured_s=0.0)
+    assert len(short) == 8 > len(long) == 2  # 8 x ~4 s reach 30 s; two 20-second runs already do
+    assert len(tiny) == MAX_ROUNDS and len(exact) == 3
     assert best["rounds"] == len(short) and best["seconds"] == short[-1]["seconds"]  # the least, from an extra round
 
 
@@ -164,11 +166,13 @@ def test_bench_scale_json_holds_every_stage_with_ratios_of_its_own_figures(tmp_p
     (tmp_path / "params.yaml").write_text(json.dumps(raw))
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
     done = subprocess.run([sys.executable, "-m", "pipeline.cli", "bench-scale", "--sizes", "40,80", "--min-side", "96",
-                           "--max-side", "128", "--rounds", "1", "--json", "--params", str(tmp_path / "params.yaml")],
+                           "--max-side", "128", "--rounds", "1", "--measured-s", "0", "--json",
+                           "--params", str(tmp_path / "params.yaml")],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=900)  # fmt: skip
     assert done.returncode == 0, done.stderr
     result = json.loads(done.stdout)
     assert result["sizes"] == [40, 80] and result["test_images"] == [4, 8] and result["rounds"] == 1
+    assert all(b["rounds"] == 1 for s in result["stages"].values() for b in s["by_size"])
     assert set(result["stages"]) == set(STAGES)
     for name, s in result["stages"].items():
         small, large = s["by_size"]
