@@ -200,7 +200,8 @@ def bench_latency(
 def bench_scale(
     # Ingest's peak RSS moves by up to 0.5 MB between runs at one size (its hashing threads' malloc
     # arenas): over 200-1,600 images its growth per image read 359 to 552 B between runs of the same
-    # code; 3,600 images between the smallest and largest size put that noise at a seventh of the aim.
+    # code. Spread over 3,600 images between the smallest and largest size, 0.5 MB is 140 B an image
+    # (a quarter of the 512 B aim); over 1,400 it was 360.
     sizes: Annotated[
         str, typer.Option(help="Dataset sizes in images, comma-separated, ascending; three or more also give the "
                           "added time per added image (CXR-4: 84818)")
