@@ -404,7 +404,7 @@ def table(result: dict[str, Any]) -> str:
     head = (["stage"] + [f"ms/img @{x}" for x in n] + ["ratio", "vs line"] + [f"RSS MiB @{x}" for x in n] + ["ratio", "B/img"]
             + [f"disk MiB @{x}" for x in n] + [f"CXR-4 time", "CXR-4 RSS MiB", "runs"])  # fmt: skip
     rows = [head]
-    for name in [n for n in STAGES if n in result["stages"]]:  # pipeline order, also after a JSON round trip
+    for name in [stage for stage in STAGES if stage in result["stages"]]:  # pipeline order, also after a JSON round trip
         s = result["stages"][name]
         by = s["by_size"]
         added = s["time_vs_linear_ratio"]
